@@ -1,0 +1,225 @@
+"""``optimize`` and ``audit``: capture -> find -> rewrite -> verify -> report."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from . import rewrite as rw
+from ._state import preserved
+from .capture import CaptureError, capture, copy_module_tree, example_summary
+from .ops import GuardError
+from .patterns import FAMILIES
+from .patterns.base import Candidate, Context
+from .report import Report
+from .shapes import ShapeAnalysis
+from .verify import Verdict, alternative_inputs, fp64_reference, site_errors, verify
+
+__all__ = ["audit", "optimize"]
+
+NO_INPUTS = ("no example_inputs were given: only shape-free proofs were possible, and the result "
+             "was NOT verified numerically")
+
+
+def _check_args(model: Any, example_inputs: Any) -> tuple[Tensor, ...] | None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"tdd_fx expects a torch.nn.Module, got {type(model).__name__}")
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise TypeError("example_inputs must be a tuple of tensors (like torch.export), got "
+                        f"{type(example_inputs).__name__}")
+    bad = [i for i, x in enumerate(example_inputs) if not isinstance(x, Tensor)]
+    if bad:
+        kinds = ", ".join(f"[{i}] {type(example_inputs[i]).__name__}" for i in bad)
+        raise TypeError(f"example_inputs must all be tensors; not tensors: {kinds}")
+    inputs = tuple(example_inputs)
+    try:
+        with preserved([model]), torch.no_grad():
+            model(*inputs)
+    except Exception as exc:
+        raise ValueError(
+            f"the model itself fails on the example inputs ({example_summary(inputs)}): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    return inputs
+
+
+def _device(model: nn.Module, inputs: tuple[Tensor, ...] | None) -> torch.device:
+    for t in (*(inputs or ()), *model.parameters()):
+        return t.device
+    return torch.device("cpu")
+
+
+class _Session:
+    """One optimize/audit run."""
+
+    def __init__(self, model: nn.Module, inputs: tuple[Tensor, ...] | None, mode: str) -> None:
+        self.model = model
+        self.inputs = inputs
+        self.report = Report(mode=mode, model=type(model).__name__,  # type: ignore[arg-type]
+                             inputs=example_summary(inputs) if inputs else "")
+        self.gm: fx.GraphModule | None = None
+        self.candidates: list[Candidate] = []
+        self.ranks: dict[str, int] = {}
+
+    def find(self) -> None:
+        try:
+            gm = capture(self.model)
+        except CaptureError as exc:
+            self.report.notes.append(f"{exc}; the model is returned unchanged")
+            return
+        shapes = None
+        if self.inputs is not None:
+            shapes = ShapeAnalysis(gm)
+            try:
+                shapes.analyse(*self.inputs)
+            except Exception as exc:
+                self.report.notes.append(
+                    f"the traced graph fails on the example inputs ({type(exc).__name__}: {exc});"
+                    " the model is returned unchanged")
+                return
+            self.ranks = {n.name: v.dim() for n, v in shapes.values.items()
+                          if n.op == "placeholder" and isinstance(v, Tensor)}
+        else:
+            self.report.notes.append(NO_INPUTS)
+        self.gm = gm
+        ctx = Context(gm, shapes, _device(self.model, self.inputs))
+        for family in FAMILIES:
+            self.candidates.extend(family.find(ctx))
+
+    # ----------------------------------------------------------------------------------------
+    def audit(self) -> Report:
+        self.find()
+        for cand in self.candidates:
+            for site in cand.sites:
+                site.status = "found" if cand.proved else "rejected"
+            self.report.sites.extend(cand.sites)
+        return self.report
+
+    def optimize(self) -> nn.Module:
+        self.find()
+        if self.gm is None:
+            out = copy_module_tree(self.model)
+            out.tdd_report = self.report
+            return out
+        proved = [c for c in self.candidates if c.proved]
+        if self.inputs is None:
+            good, bad = proved, {}
+            verdict = None
+        else:
+            good, bad, verdict = self._verified(proved)
+        if good is None:  # the capture itself does not reproduce the model
+            out = copy_module_tree(self.model)
+            self.report.verified = False
+            self.report.notes.append(f"the traced graph does not reproduce the model "
+                                     f"({verdict.detail}); the model is returned unchanged")
+            for cand in self.candidates:
+                for site in cand.sites:
+                    site.status = "rejected" if not cand.proved else "rolled_back"
+                    site.reason = site.reason or "the traced graph does not reproduce the model"
+                self.report.sites.extend(cand.sites)
+            out.tdd_report = self.report
+            return out
+        gm, results, guards = rw.apply(self.gm, good, self.ranks if self.inputs else {})
+        errors: dict[int, float] = {}
+        if self.inputs is not None and good:
+            pairs = {i: (c.output, results[i]) for i, c in enumerate(good) if c.output}
+            try:
+                errors = site_errors(self.gm, gm, pairs, self.inputs)
+            except Exception:
+                errors = {}
+        for cand in self.candidates:
+            for site in cand.sites:
+                if cand in good:
+                    site.status = "rewritten"
+                    site.max_error = errors.get(good.index(cand))
+                elif id(cand) in bad:
+                    site.status = "rolled_back"
+                    site.reason = bad[id(cand)]
+                    site.kernel = ""
+                else:
+                    site.status = "rejected"
+            self.report.sites.extend(cand.sites)
+        self.report.guards = guards
+        if verdict is not None:
+            self.report.verified = True
+            self.report.max_error = verdict.max_error
+        gm.tdd_report = self.report
+        return gm
+
+    def _verified(self, proved: list[Candidate]
+                  ) -> tuple[list[Candidate] | None, dict[int, str], Verdict]:
+        """Candidates that pass verification (bisecting failures), those rolled back (with why)."""
+        assert self.gm is not None and self.inputs is not None
+        fixed = set()
+        names = [n for n in self.ranks]
+        for c in proved:
+            for g in c.guards:
+                if g.placeholder in names:
+                    fixed.update((names.index(g.placeholder), d) for d in g.dims)
+        alt = alternative_inputs(self.model, self.inputs, fixed)
+        sets = [self.inputs] + ([alt] if alt is not None else [])
+        if alt is None:
+            self.report.notes.append("no second input set with other batch/time sizes was "
+                                     "accepted by the model: verified on the example inputs only")
+        ref64 = fp64_reference(self.model)
+        if ref64 is None:
+            self.report.notes.append("the model could not be copied to float64: verified "
+                                     "against the original only")
+        last: dict[str, Verdict] = {}
+
+        def check(cands: list[Candidate]) -> bool:
+            try:
+                gm, _, _ = rw.apply(self.gm, cands, self.ranks)
+                v = verify(self.model, gm, sets, ref64)
+            except GuardError as exc:
+                v = Verdict(False, float("inf"), f"a guard rejects the verification inputs: {exc}")
+            except Exception as exc:  # a rewrite that cannot even be built is rolled back
+                v = Verdict(False, float("inf"), f"rewrite failed: {type(exc).__name__}: {exc}")
+            last["v"] = v
+            return v.ok
+
+        bad: dict[int, str] = {}
+
+        def bisect(cands: list[Candidate], accepted: list[Candidate]) -> list[Candidate]:
+            if not cands or check(accepted + cands):
+                return cands
+            if len(cands) == 1:
+                bad[id(cands[0])] = f"verification failed: {last['v'].detail}"
+                return []
+            mid = len(cands) // 2
+            left = bisect(cands[:mid], accepted)
+            return left + bisect(cands[mid:], accepted + left)
+
+        if not check([]):
+            return None, {}, last["v"]
+        good = bisect(proved, [])
+        check(good)
+        return good, bad, last["v"]
+
+
+def optimize(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor | None = None
+             ) -> nn.Module:
+    """Rewrite every provably time-distributed dense site of ``model`` into one canonical node.
+
+    Returns a new module (a ``torch.fx.GraphModule`` holding the same module tree, sharing the
+    original ``Parameter`` objects) whose outputs and gradients were verified against ``model``
+    on ``example_inputs`` and on inputs with other batch/time sizes; ``.tdd_report`` says what was
+    done.  ``model`` itself is never modified.
+    """
+    inputs = _check_args(model, example_inputs)
+    return _Session(model, inputs, "optimize").optimize()
+
+
+def audit(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor | None = None) -> Report:
+    """Find and prove time-distributed dense sites without changing anything; explain near-misses."""
+    inputs = _check_args(model, example_inputs)
+    return _Session(model, inputs, "audit").audit()
+

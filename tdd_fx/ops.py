@@ -1,0 +1,182 @@
+"""The canonical time-distributed dense operation, its kernels, and the ``TimeDistributed`` layer.
+
+Every site that tdd_fx rewrites becomes one ``call_function`` node to
+:func:`time_distributed_dense`.  Its meaning does not depend on the kernel::
+
+    y = time_distributed_dense(x, W, b, feature_dim=d)
+    # y.movedim(d, -1) == x.movedim(d, -1) @ W.T + b
+
+i.e. the same dense map ``W: (out, in)`` applied independently at every position of every axis
+except ``feature_dim``; the output keeps the input's layout with ``in`` replaced by ``out``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "GuardError",
+    "KERNELS",
+    "TimeDistributed",
+    "check_input",
+    "choose_kernel",
+    "time_distributed_dense",
+]
+
+
+def _linear_last(x: Tensor, w: Tensor, b: Tensor | None, d: int) -> Tensor:
+    return F.linear(x, w, b)
+
+
+def _linear_between_transposes(x: Tensor, w: Tensor, b: Tensor | None, d: int) -> Tensor:
+    return F.linear(x.movedim(d, -1), w, b).movedim(-1, d)
+
+
+def _matmul(x: Tensor, w: Tensor, b: Tensor | None, d: int) -> Tensor:
+    # (out, in) @ (..., in, rest) -> (..., out, rest); only valid when d == ndim - 2 or the
+    # rest is folded: we fold every axis after d into one.
+    lead, rest = x.shape[:d], x.shape[d + 1 :]
+    x3 = x.reshape(*lead, x.shape[d], -1)
+    y = torch.matmul(w, x3)
+    if b is not None:
+        y = y + b[:, None]
+    return y.reshape(*lead, w.shape[0], *rest)
+
+
+def _baddbmm(x: Tensor, w: Tensor, b: Tensor | None, d: int) -> Tensor:
+    if x.dim() != 3 or d != 1:
+        return _matmul(x, w, b, d)
+    n = x.shape[0]
+    wb = w.expand(n, *w.shape)
+    if b is None:
+        return torch.bmm(wb, x)
+    return torch.baddbmm(b[:, None].expand(n, w.shape[0], x.shape[2]), wb, x)
+
+
+def _conv1d(x: Tensor, w: Tensor, b: Tensor | None, d: int) -> Tensor:
+    if x.dim() != 3 or d != 1:
+        return _linear_between_transposes(x, w, b, d)
+    return F.conv1d(x, w[:, :, None], b)
+
+
+#: The kernels by name.  Each computes the same function; they differ only in speed.
+KERNELS: dict[str, Callable[[Tensor, Tensor, Tensor | None, int], Tensor]] = {
+    "linear": _linear_last,
+    "linear_t": _linear_between_transposes,
+    "matmul": _matmul,
+    "baddbmm": _baddbmm,
+    "conv1d": _conv1d,
+}
+
+
+def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu") -> str:
+    """Heuristic kernel choice (used when no measurement is asked for).
+
+    Features on the last axis: ``linear`` (this *is* ``nn.Linear``; nothing is faster).
+    Features elsewhere (channel-first ``(B, F, T)``): ``linear_t`` — linear between two free
+    transposes — on CPU, where it was never more than 1.1x the best kernel in our measurements;
+    ``conv1d`` on CUDA for 3-D inputs, the most frequent winner in the H100 measurements of
+    ``shared/anchors``.  ``autotune`` (measured choice) supersedes this.
+    """
+    d = feature_dim % ndim if ndim else feature_dim
+    if ndim == 0 or d == ndim - 1:
+        return "linear"
+    if torch.device(device).type == "cuda" and ndim == 3 and d == 1:
+        return "conv1d"
+    return "linear_t"
+
+
+def _fx_leaf(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Under torch.fx tracing, record ``fn`` as one ``call_function`` node instead of its body."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Tensor:
+        proxy = next((a for a in (*args, *kwargs.values()) if isinstance(a, fx.Proxy)), None)
+        if proxy is not None:
+            return proxy.tracer.create_proxy("call_function", wrapper, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_fx_leaf
+def time_distributed_dense(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    feature_dim: int = -1,
+    impl: str = "linear",
+) -> Tensor:
+    """Apply the dense map ``weight: (out, in)`` (+ ``bias``) along axis ``feature_dim`` of ``x``.
+
+    Every other axis is kept, in order and size: the result equals
+    ``F.linear(x.movedim(feature_dim, -1), weight, bias).movedim(-1, feature_dim)`` whatever the
+    ``impl`` (one of :data:`KERNELS`).
+    """
+    d = feature_dim if feature_dim >= 0 else feature_dim + x.dim()
+    if d == x.dim() - 1:
+        return F.linear(x, weight, bias)
+    return KERNELS[impl](x, weight, bias, d)
+
+
+class GuardError(RuntimeError):
+    """An optimized module was called with inputs outside the facts its rewrite relied on."""
+
+
+@_fx_leaf
+def check_input(
+    x: Tensor, ndim: int, sizes: Sequence[tuple[tuple[int, ...], int]], name: str
+) -> Tensor:
+    """Guard inserted at the entry of an optimized graph: ``x`` must have the traced rank and the
+    sizes a proof relied on (each entry: the product of sizes of these dims equals a value)."""
+    if x.dim() != ndim:
+        raise GuardError(
+            f"tdd_fx: input {name!r} was optimized for {ndim}-D tensors, got shape "
+            f"{tuple(x.shape)}; call the original model or optimize() again with such inputs"
+        )
+    for dims, value in sizes:
+        got = 1
+        for dim in dims:
+            got *= x.shape[dim]
+        if got != value:
+            what = "*".join(f"{name}.shape[{dim}]" for dim in dims)
+            raise GuardError(
+                f"tdd_fx: the rewrite relied on {what} == {value}, got {got} (shape "
+                f"{tuple(x.shape)}); call the original model or optimize() again with such inputs"
+            )
+    return x
+
+
+class TimeDistributed(nn.Module):
+    """Keras' ``TimeDistributed``: apply ``module`` to every time step of a batch-first tensor.
+
+    Input ``(B, T, *rest)``; the same module (same weights) runs on each of the ``T`` steps; output
+    ``(B, T, *out_rest)``.  A dense inner layer (``nn.Linear``) goes through
+    :func:`time_distributed_dense` directly (no reshapes); any other layer sees time folded into
+    batch: ``module(x.flatten(0, 1)).unflatten(0, (B, T))`` — exactly Keras' semantics, provided
+    the inner layer treats batch rows independently (true of every layer without batch
+    statistics).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"TimeDistributed wraps an nn.Module, got {type(module).__name__}")
+        self.module = module
+
+    def forward(self, x: Tensor) -> Tensor:
+        if type(self.module) is nn.Linear:
+            return time_distributed_dense(x, self.module.weight, self.module.bias)
+        y = self.module(x.flatten(0, 1))
+        return y.unflatten(0, (x.shape[0], x.shape[1]))
+
+    def extra_repr(self) -> str:
+        return "batch_first=True, time_dim=1"

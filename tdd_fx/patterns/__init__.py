@@ -1,0 +1,12 @@
+"""Pattern families, one module each.  A family exposes ``PATTERN`` and ``find(ctx)``."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from . import reshape
+
+#: The families ``optimize``/``audit`` run, in order.
+FAMILIES: tuple[ModuleType, ...] = (reshape,)
+
+__all__ = ["FAMILIES"]

@@ -1,0 +1,87 @@
+"""What every pattern family shares: the matching context, guards, and candidates.
+
+A family is a module with ``PATTERN`` (its name) and ``find(ctx) -> list[Candidate]``.  A
+candidate is either *proved* — it carries a ``rewrite`` that replaces its nodes, in a copy of the
+graph, by canonical nodes — or *rejected* with a reason a user understands.  Families never touch
+the graph they match; :mod:`tdd_fx.rewrite` applies the proved candidates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..report import Site
+from ..shapes import ShapeAnalysis, Sym, SymShape
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A fact about a graph input that a proof relied on: ``prod(x.shape[d] for d in dims) == value``."""
+
+    placeholder: str
+    dims: tuple[int, ...]
+    value: int
+
+    def __str__(self) -> str:
+        return " * ".join(f"{self.placeholder}.shape[{d}]" for d in self.dims) + f" == {self.value}"
+
+
+@dataclass
+class Context:
+    """What families match against: the captured graph and (with example inputs) its shapes."""
+
+    gm: fx.GraphModule
+    shapes: ShapeAnalysis | None
+    device: torch.device
+
+    def shape(self, node: Any) -> SymShape | None:
+        return None if self.shapes is None else self.shapes.shape(node)
+
+    def module(self, node: fx.Node) -> torch.nn.Module:
+        return self.gm.get_submodule(str(node.target))
+
+    def same_size(self, a: Sym, b: Sym, guards: list[Guard]) -> bool:
+        """``a == b`` for every input the guards admit.
+
+        Equal symbolic forms are equal everywhere.  A literal equal (on the example) to a product
+        of dims of one graph input becomes a guard on that input.  Anything else — two different
+        dims that merely happen to be equal on the example — is not equal.
+        """
+        if a == b:
+            return True
+        if a.value != b.value:
+            return False
+        lit, other = (a, b) if a.is_literal else (b, a) if b.is_literal else (None, None)
+        if lit is None or other is None or other.coef != 1:
+            return False
+        owners = {x.owner for x in other.atoms}
+        if len(owners) != 1 or not all(x.guardable for x in other.atoms):
+            return False
+        guards.append(Guard(owners.pop(), tuple(x.dim for x in other.atoms), lit.value))
+        return True
+
+
+Rewrite = Callable[[fx.GraphModule], fx.Node]
+
+
+@dataclass
+class Candidate:
+    """One rewrite unit: its sites (one per dense op), and either a rewrite or a reason."""
+
+    pattern: str
+    sites: list[Site]
+    rewrite: Rewrite | None = None
+    reason: str = ""
+    guards: list[Guard] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)
+    #: name of the node (in the captured graph) whose value the rewrite's result replaces
+    output: str = ""
+
+    @property
+    def proved(self) -> bool:
+        return self.rewrite is not None

@@ -1,0 +1,179 @@
+"""The role each graph op can play inside a time-distributed region, declared as a table.
+
+Roles:
+
+``dense``        a dense map on the last axis (``nn.Linear``, ``F.linear``, the canonical node).
+``reshape``      a view/reshape/flatten/unflatten/view_as/contiguous: moves no data between rows
+                 *if* it keeps the last axis (the family checks that, with shapes).
+``permute``      transpose/permute/movedim.
+``pointwise``    acts on each element (or, like ``LayerNorm(F)``, on each last-axis row) the same
+                 way whatever the tensor's rank: it commutes with any reshape that keeps the last
+                 axis.
+``featurewise``  acts on each last-axis row, but names its axis by index (``BatchNorm1d`` on a 2-D
+                 input, ``Softmax(dim=1)``): it commutes with row reshapes only once its axis is
+                 re-expressed, which the rewrite does.
+
+An op with no role ends a region.  A recognised op that must not be rewritten (hooks, subclasses)
+gets ``blocked`` — the reason reported to the user.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..shapes import POINTWISE_FUNCTIONS, POINTWISE_MODULES, SCALAR_ARITH
+from .base import Context
+
+
+@dataclass(frozen=True)
+class Role:
+    kind: str  # dense | reshape | permute | pointwise | featurewise
+    data: int = 0  # index in node.args of the tensor that flows through the region
+    blocked: str = ""
+
+
+@dataclass(frozen=True)
+class Rule:
+    op: str
+    targets: Any  # a set of names/functions, or a tuple of module classes
+    kind: str
+    check: Callable[[fx.Node, Context], str | None] | None = None  # None or "" = ok; "!x" = blocked x
+
+
+def _rank(node: fx.Node, ctx: Context) -> int | None:
+    arg = node.args[0] if node.args else None
+    s = ctx.shape(arg)
+    return None if s is None else len(s)
+
+
+def _hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _linear_module(node: fx.Node, ctx: Context) -> str | None:
+    m = ctx.module(node)
+    base = type(m)
+    if getattr(base, "__module__", "") == "torch.nn.utils.parametrize":
+        base = base.__bases__[0]  # a parametrized Linear: the weight property is live
+    if base not in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return f"!{type(m).__name__} is a subclass of nn.Linear whose forward may differ"
+    if _hooks(m):
+        return "!the layer has forward hooks, which a rewrite would bypass"
+    return None
+
+
+def _functional_linear(node: fx.Node, ctx: Context) -> str | None:
+    return None
+
+
+def _canonical_last(node: fx.Node, ctx: Context) -> str | None:
+    fd = node.kwargs.get("feature_dim", -1)
+    r = _rank(node, ctx)
+    return None if fd == -1 or (r is not None and fd == r - 1) else "no"
+
+
+def _plain_module(node: fx.Node, ctx: Context) -> str | None:
+    m = ctx.module(node)
+    if _hooks(m):
+        return "!a layer inside has forward hooks, which a rewrite would bypass"
+    if isinstance(m, nn.PReLU) and m.num_parameters != 1:
+        return "no"  # per-channel on axis 1
+    if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) != 1:
+        return "no"
+    return None
+
+
+def _featurewise_module(node: fx.Node, ctx: Context) -> str | None:
+    m = ctx.module(node)
+    if _hooks(m):
+        return "!a layer inside has forward hooks, which a rewrite would bypass"
+    r = _rank(node, ctx)
+    if r is None:
+        return "no"
+    if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
+        return None if m.dim is not None and m.dim % r == r - 1 else "no"
+    # BatchNorm1d / GroupNorm normalise axis 1: a last-axis op only on 2-D inputs
+    return None if r == 2 else "no"
+
+
+def _softmax_fn(node: fx.Node, ctx: Context) -> str | None:
+    r = _rank(node, ctx)
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    return None if r is not None and isinstance(dim, int) and dim % r == r - 1 else "no"
+
+
+def _scalar_arith(node: fx.Node, ctx: Context) -> str | None:
+    others = [a for a in node.args[1:]]
+    if len(node.args) != 2 or not isinstance(node.args[0], fx.Node):
+        return "no"
+    return None if all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in others) else "no"
+
+
+RESHAPE_METHODS = frozenset({"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as",
+                             "contiguous"})
+PERMUTE_METHODS = frozenset({"transpose", "swapaxes", "permute", "movedim"})
+POINTWISE_METHODS = frozenset({"relu", "tanh", "sigmoid", "clone"})
+
+#: The table.  First matching rule wins.
+RULES: tuple[Rule, ...] = (
+    Rule("call_method", RESHAPE_METHODS, "reshape"),
+    Rule("call_function", {torch.reshape, torch.flatten}, "reshape"),
+    Rule("call_method", PERMUTE_METHODS, "permute"),
+    Rule("call_function", {torch.transpose, torch.permute, torch.movedim}, "permute"),
+    Rule("call_module", (nn.Linear,), "dense", _linear_module),
+    Rule("call_function", {F.linear, torch._C._nn.linear}, "dense", _functional_linear),
+    Rule("call_function", {ops.time_distributed_dense}, "dense", _canonical_last),
+    Rule("call_module", POINTWISE_MODULES + (nn.LayerNorm, nn.PReLU), "pointwise", _plain_module),
+    Rule("call_module", (nn.BatchNorm1d, nn.GroupNorm, nn.Softmax, nn.LogSoftmax), "featurewise",
+         _featurewise_module),
+    Rule("call_function", POINTWISE_FUNCTIONS, "pointwise"),
+    Rule("call_function", {F.softmax, F.log_softmax}, "featurewise", _softmax_fn),
+    Rule("call_function", SCALAR_ARITH, "pointwise", _scalar_arith),
+    Rule("call_method", POINTWISE_METHODS, "pointwise"),
+)
+
+SCALAR_OPS = SCALAR_ARITH | {operator.neg}
+
+
+def classify(node: fx.Node, ctx: Context) -> Role | None:
+    """The role of ``node`` (None: ends a region)."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    for rule in RULES:
+        if rule.op != node.op:
+            continue
+        if node.op == "call_module":
+            if not isinstance(ctx.module(node), rule.targets):
+                continue
+        elif node.target not in rule.targets:
+            continue
+        verdict = rule.check(node, ctx) if rule.check else None
+        if verdict and verdict.startswith("!"):
+            return Role(rule.kind, blocked=verdict[1:])
+        if verdict:
+            return None
+        return Role(rule.kind)
+    return None
+
+
+METADATA_METHODS = frozenset({"size", "dim"})
+
+
+def is_metadata(node: fx.Node) -> bool:
+    """Nodes that read a tensor's shape, not its data."""
+    return (node.op == "call_method" and node.target in METADATA_METHODS) or (
+        node.op == "call_function" and node.target is getattr and node.args[1:2] == ("shape",)
+    )
+
+
+def data_users(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if not is_metadata(u)]

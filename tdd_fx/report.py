@@ -1,0 +1,122 @@
+"""What was found, proved, rewritten, rolled back or rejected — as a table and as JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from tabulate import tabulate
+
+Pattern = Literal["reshape", "conv", "loop", "matmul"]
+Status = Literal["rewritten", "found", "rolled_back", "rejected"]
+
+
+@dataclass
+class Site:
+    """One candidate time-distributed dense site.
+
+    ``where`` reads like ``encoder.td.fc (models/tft.py:88)``: module path(s) and the user's
+    source line.  ``reason`` says why a site was rejected or rolled back; it is empty when the
+    site was rewritten (or, in an audit, found).
+    """
+
+    pattern: Pattern
+    status: Status
+    where: str
+    reason: str = ""
+    module: str = ""
+    source: str = ""
+    in_shape: tuple[int, ...] | None = None
+    out_shape: tuple[int, ...] | None = None
+    feature_dim: int | None = None
+    kernel: str = ""
+    max_error: float | None = None
+    guards: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("in_shape", "out_shape"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
+
+
+def _shape(s: tuple[int, ...] | None) -> str:
+    return "?" if s is None else "x".join(str(v) for v in s)
+
+
+@dataclass
+class Report:
+    """Everything ``optimize``/``audit`` examined.  ``str(report)`` is a table."""
+
+    mode: Literal["optimize", "audit"]
+    model: str
+    sites: list[Site] = field(default_factory=list)
+    verified: bool | None = None
+    max_error: float | None = None
+    guards: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    inputs: str = ""
+
+    @property
+    def rewritten(self) -> list[Site]:
+        return [s for s in self.sites if s.status == "rewritten"]
+
+    @property
+    def found(self) -> list[Site]:
+        return [s for s in self.sites if s.status == "found"]
+
+    @property
+    def rejected(self) -> list[Site]:
+        return [s for s in self.sites if s.status == "rejected"]
+
+    @property
+    def rolled_back(self) -> list[Site]:
+        return [s for s in self.sites if s.status == "rolled_back"]
+
+    def summary(self) -> str:
+        n = len(self.sites)
+        if self.mode == "audit":
+            head = (f"audit of {self.model}: {n} candidate site(s), {len(self.found)} provably "
+                    f"time-distributed dense, {len(self.rejected)} rejected")
+        else:
+            head = (f"optimize of {self.model}: {n} candidate site(s), {len(self.rewritten)} "
+                    f"rewritten, {len(self.rolled_back)} rolled back, {len(self.rejected)} rejected")
+            if self.verified is True:
+                err = "" if self.max_error is None else f" (max rel. error {self.max_error:.1e})"
+                head += f"; outputs and gradients verified{err}"
+            elif self.verified is False:
+                head += "; NOT verified"
+        return head
+
+    def table(self, fmt: str = "simple") -> str:
+        rows = [
+            [s.pattern, s.where, s.status, f"{_shape(s.in_shape)} -> {_shape(s.out_shape)}",
+             s.kernel or "-", "-" if s.max_error is None else f"{s.max_error:.1e}",
+             s.reason or ""]
+            for s in self.sites
+        ]
+        headers = ["pattern", "where", "status", "shapes", "kernel", "max err", "reason"]
+        return tabulate(rows, headers=headers, tablefmt=fmt, maxcolwidths=[None] * 6 + [60])
+
+    def __str__(self) -> str:
+        parts = [self.table() if self.sites else "(no candidate sites)", self.summary()]
+        if self.inputs:
+            parts.append(f"example inputs: {self.inputs}")
+        if self.guards:
+            parts.append("guards: " + "; ".join(self.guards))
+        parts.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "model": self.model,
+            "inputs": self.inputs,
+            "verified": self.verified,
+            "max_error": self.max_error,
+            "guards": list(self.guards),
+            "notes": list(self.notes),
+            "summary": self.summary(),
+            "sites": [s.to_dict() for s in self.sites],
+        }

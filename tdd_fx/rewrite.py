@@ -1,0 +1,190 @@
+"""Apply proved candidates: canonical nodes in, folds out; peephole; guards.
+
+Rewrites always work on a fresh copy of the captured graph (node names are kept by the copy), so
+any subset of candidates can be applied — which is how verification bisects a failing rewrite.
+Weights are taken by ``get_attr`` of the original parameter paths: the state_dict, parameter
+identity and autograd are untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch.fx as fx
+
+from . import ops
+from .capture import graft_tree
+from .patterns.roles import Role, is_metadata
+
+if TYPE_CHECKING:
+    from .patterns.base import Candidate, Guard
+
+
+def _node(gm: fx.GraphModule, name: str) -> fx.Node:
+    for n in gm.graph.nodes:
+        if n.name == name:
+            return n
+    raise KeyError(name)
+
+
+def _dense_params(gm: fx.GraphModule, op: fx.Node) -> tuple[fx.Node, fx.Node | None]:
+    g = gm.graph
+    if op.op == "call_module":
+        mod = gm.get_submodule(str(op.target))
+        w = g.get_attr(f"{op.target}.weight")
+        b = g.get_attr(f"{op.target}.bias") if mod.bias is not None else None
+        return w, b
+    if op.target is ops.time_distributed_dense:
+        return op.args[1], (op.args[2] if len(op.args) > 2 else op.kwargs.get("bias"))
+    w = op.args[1] if len(op.args) > 1 else op.kwargs["weight"]
+    b = op.args[2] if len(op.args) > 2 else op.kwargs.get("bias")
+    return w, b
+
+
+def emit_region(gm: fx.GraphModule, entry_name: str, spec: list[tuple[str, Role]], fd: int,
+                kernel: str) -> fx.Node:
+    """Replace a proved region by its ops applied directly to the entry tensor.
+
+    Reshapes and permutes vanish; each dense op becomes ``time_distributed_dense(x, W, b,
+    feature_dim=fd)``; pointwise ops are re-applied unchanged; featurewise ops get their axis
+    re-expressed (functional ``dim=``) or a local fold (modules such as ``BatchNorm1d``).
+    """
+    g = gm.graph
+    entry = _node(gm, entry_name)
+    region = [(_node(gm, name), role) for name, role in spec]
+    last = region[-1][0]
+    cur = entry
+    with g.inserting_before(last):
+        for op, role in region:
+            data_in = op.args[role.data]
+            if role.kind in ("reshape", "permute"):
+                continue
+            if role.kind == "dense":
+                w, b = _dense_params(gm, op)
+                new = g.call_function(ops.time_distributed_dense, (cur, w, b),
+                                      {"feature_dim": fd, "impl": kernel})
+            elif role.kind == "pointwise":
+                new = g.node_copy(op, lambda n, d=data_in, c=cur: c if n is d else n)
+            elif op.op == "call_function":  # featurewise functional: re-express the axis
+                args = (cur,) + tuple(op.args[1:])
+                kwargs = dict(op.kwargs)
+                if "dim" in kwargs:
+                    kwargs["dim"] = fd
+                else:
+                    args = (cur, fd) + tuple(op.args[2:])
+                new = g.call_function(op.target, args, kwargs)
+            else:  # featurewise module: a local fold, exactly the rows it saw before
+                src = cur if fd == -1 else g.call_method("movedim", (cur, fd, -1))
+                rows = g.call_method("flatten", (src, 0, -2))
+                y = g.call_module(str(op.target), (rows,) + tuple(op.args[1:]), dict(op.kwargs))
+                new = g.call_method("view_as", (y, src))
+                if fd != -1:
+                    new = g.call_method("movedim", (new, -1, fd))
+            new.meta.update({k: v for k, v in op.meta.items()
+                             if k in ("stack_trace", "nn_module_stack")})
+            cur = new
+    last.replace_all_uses_with(cur)
+    erase_dead([op for op, _ in reversed(region)], g)
+    return cur
+
+
+def erase_dead(nodes: Iterable[fx.Node], g: fx.Graph) -> None:
+    """Erase the given nodes, and the size computations feeding them, once nothing uses them."""
+    pending = {n: None for n in nodes}  # ordered set
+    changed = True
+    while changed:
+        changed = False
+        for n in list(pending):
+            if n.users or n.op in ("placeholder", "output"):
+                continue
+            del pending[n]
+            inputs = list(n.all_input_nodes)
+            g.erase_node(n)
+            changed = True
+            for a in inputs:
+                if is_metadata(a) or (a.op == "call_function" and getattr(
+                        a.target, "__module__", "") in ("_operator", "operator")):
+                    pending.setdefault(a, None)
+
+
+# --- peephole --------------------------------------------------------------------------------
+
+def _norm(d: int, rank: int | None) -> int | None:
+    if d >= 0:
+        return d
+    return None if rank is None else d + rank
+
+
+def peephole(gm: fx.GraphModule) -> int:
+    """Cancel inverse pairs of free views left by rewrites: ``transpose(a,b)∘transpose(a,b)``,
+    ``movedim(b,a)∘movedim(a,b)``, ``squeeze(d)∘unsqueeze(d)``.  Returns how many were removed."""
+    removed = 0
+    for n in list(gm.graph.nodes):
+        if n.op != "call_method" or not n.args or not isinstance(n.args[0], fx.Node):
+            continue
+        p = n.args[0]
+        if p.op != "call_method" or len(n.args) < 2:
+            continue
+        same = False
+        if n.target in ("transpose", "swapaxes") and p.target in ("transpose", "swapaxes"):
+            same = {n.args[1], n.args[2]} == {p.args[1], p.args[2]} and all(
+                isinstance(a, int) and a >= 0 for a in (*n.args[1:3], *p.args[1:3])
+            )
+        elif n.target == "movedim" and p.target == "movedim":
+            same = (n.args[1], n.args[2]) == (p.args[2], p.args[1])
+        elif n.target == "squeeze" and p.target == "unsqueeze":
+            same = n.args[1] == p.args[1] and isinstance(n.args[1], int) and n.args[1] >= 0
+        if same:
+            n.replace_all_uses_with(p.args[0])
+            erase_dead([n, p], gm.graph)
+            removed += 1
+    return removed
+
+
+# --- guards ----------------------------------------------------------------------------------
+
+def insert_guards(gm: fx.GraphModule, ranks: dict[str, int], guards: Iterable[Guard]) -> list[str]:
+    """At the graph entry, check each input's rank and the sizes proofs relied on."""
+    by_input: dict[str, list[tuple[tuple[int, ...], int]]] = {}
+    for gd in guards:
+        entry = (gd.dims, gd.value)
+        if entry not in by_input.setdefault(gd.placeholder, []):
+            by_input[gd.placeholder].append(entry)
+    described = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for ph in placeholders:
+        if ph.name not in ranks:
+            continue
+        sizes = tuple(by_input.get(ph.name, []))
+        with gm.graph.inserting_after(placeholders[-1]):
+            chk = gm.graph.call_function(ops.check_input, (ph, ranks[ph.name], sizes, ph.name))
+        ph.replace_all_uses_with(chk, delete_user_cb=lambda u, c=chk: u is not c)
+        described.append(f"{ph.name}.dim() == {ranks[ph.name]}")
+        described.extend(
+            " * ".join(f"{ph.name}.shape[{d}]" for d in dims) + f" == {v}" for dims, v in sizes
+        )
+    return described
+
+
+def apply(base: fx.GraphModule, candidates: list[Candidate], ranks: dict[str, int]
+          ) -> tuple[fx.GraphModule, dict[int, str], list[str]]:
+    """A new GraphModule: ``base``'s module tree with ``candidates`` rewritten.
+
+    Returns the module, the name of each candidate's result node (by position), and the guards.
+    """
+    graph = copy.deepcopy(base.graph)
+    gm = fx.GraphModule(base, graph, class_name=type(base).__name__)
+    graft_tree(gm, base)
+    results: dict[int, str] = {}
+    guards: list[Guard] = []
+    for i, cand in enumerate(candidates):
+        assert cand.rewrite is not None
+        results[i] = cand.rewrite(gm).name
+        guards.extend(cand.guards)
+    peephole(gm)
+    described = insert_guards(gm, ranks, guards) if candidates and ranks else []
+    gm.graph.lint()
+    gm.recompile()
+    return gm, results, described

@@ -151,6 +151,7 @@ class _Session:
         if verdict is not None:
             self.report.verified = True
             self.report.max_error = verdict.max_error
+            self.report.tolerance_used = verdict.tolerance_used
         gm.tdd_report = self.report
         return gm
 

@@ -54,6 +54,7 @@ class Report:
     sites: list[Site] = field(default_factory=list)
     verified: bool | None = None
     max_error: float | None = None
+    tolerance_used: float | None = None
     guards: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     inputs: str = ""
@@ -83,8 +84,10 @@ class Report:
             head = (f"optimize of {self.model}: {n} candidate site(s), {len(self.rewritten)} "
                     f"rewritten, {len(self.rolled_back)} rolled back, {len(self.rejected)} rejected")
             if self.verified is True:
-                err = "" if self.max_error is None else f" (max rel. error {self.max_error:.1e})"
-                head += f"; outputs and gradients verified{err}"
+                err = "" if self.max_error is None else f"; max rel. output error {self.max_error:.1e}"
+                tol = ("" if self.tolerance_used is None
+                       else f", {100 * self.tolerance_used:.0f}% of the tolerance used")
+                head += f"; outputs and gradients verified{err}{tol}"
             elif self.verified is False:
                 head += "; NOT verified"
         return head
@@ -115,6 +118,7 @@ class Report:
             "inputs": self.inputs,
             "verified": self.verified,
             "max_error": self.max_error,
+            "tolerance_used": self.tolerance_used,
             "guards": list(self.guards),
             "notes": list(self.notes),
             "summary": self.summary(),

@@ -12,7 +12,9 @@ import copy
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from . import ops
 from .capture import graft_tree
@@ -75,6 +77,11 @@ def emit_region(gm: fx.GraphModule, entry_name: str, spec: list[tuple[str, Role]
                 else:
                     args = (cur, fd) + tuple(op.args[2:])
                 new = g.call_function(op.target, args, kwargs)
+            elif isinstance(gm.get_submodule(str(op.target)), (torch.nn.Softmax, torch.nn.LogSoftmax)):
+                # stateless: the functional form with the axis re-expressed
+                fn = F.softmax if isinstance(gm.get_submodule(str(op.target)), torch.nn.Softmax) \
+                    else F.log_softmax
+                new = g.call_function(fn, (cur,), {"dim": fd})
             else:  # featurewise module: a local fold, exactly the rows it saw before
                 src = cur if fd == -1 else g.call_method("movedim", (cur, fd, -1))
                 rows = g.call_method("flatten", (src, 0, -2))

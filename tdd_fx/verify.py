@@ -31,9 +31,12 @@ SEED = 0x7DD
 @dataclass
 class Verdict:
     ok: bool
+    #: max relative error of the outputs against float64 (gradients are in ``tolerance_used``)
     max_error: float = 0.0
     detail: str = ""
     checked: int = 0
+    #: the largest fraction of its tolerance any output or gradient used (1.0 = at the limit)
+    tolerance_used: float = 0.0
 
 
 def fp64_reference(model: nn.Module) -> nn.Module | None:
@@ -90,7 +93,7 @@ def compare(orig: dict[str, Tensor | None], cand: dict[str, Tensor | None],
     if orig.keys() != cand.keys():
         missing = sorted(set(orig) ^ set(cand))
         return Verdict(False, float("inf"), f"outputs/gradients differ in kind: {missing[:4]}")
-    worst = 0.0
+    worst = frac = 0.0
     for k, a in orig.items():
         c = cand[k]
         if a is None or c is None:
@@ -114,12 +117,15 @@ def compare(orig: dict[str, Tensor | None], cand: dict[str, Tensor | None],
                 continue
             return Verdict(False, float("inf"), f"{k}: NaN")
         eps = torch.finfo(c.dtype).eps
-        worst = max(worst, e_cand / scale)
-        if e_cand > 4 * e_orig + 64 * eps * scale:
+        tol = 4 * e_orig + 64 * eps * scale
+        if k.startswith("output"):
+            worst = max(worst, e_cand / scale)
+        frac = max(frac, e_cand / tol)
+        if e_cand > tol:
             return Verdict(False, e_cand / scale,
                            f"{k}: error {e_cand:.2e} vs the original's {e_orig:.2e} "
-                           f"(against float64, scale {scale:.2e})")
-    return Verdict(True, worst, "", len(orig))
+                           f"(against float64, scale {scale:.2e})", tolerance_used=e_cand / tol)
+    return Verdict(True, worst, "", len(orig), frac)
 
 
 def _is_zero(t: Tensor | None) -> bool:
@@ -132,7 +138,7 @@ def verify(original: nn.Module, candidate: nn.Module, input_sets: Iterable[Seque
     first input set in the other mode too (``train()``/``eval()`` must behave as before)."""
     sets = list(input_sets)
     mode = original.training
-    worst, checked = 0.0, 0
+    worst, checked, frac = 0.0, 0, 0.0
     plan = [(mode, s) for s in sets] + ([(not mode, sets[0])] if sets else [])
     models = [m for m in (original, candidate, ref64) if m is not None]
     with preserved(models):
@@ -163,7 +169,8 @@ def verify(original: nn.Module, candidate: nn.Module, input_sets: Iterable[Seque
             if not v.ok:
                 return Verdict(False, v.max_error, f"{v.detail} {tag}")
             worst, checked = max(worst, v.max_error), checked + v.checked
-    return Verdict(True, worst, "", checked)
+            frac = max(frac, v.tolerance_used)
+    return Verdict(True, worst, "", checked, frac)
 
 
 def _shapes(inputs: Sequence[Any]) -> str:

@@ -91,6 +91,8 @@ def _perm_of(node: fx.Node, labels: tuple[int, ...]) -> tuple[int, ...]:
     name = t if isinstance(t, str) else getattr(t, "__name__", "")
     if name in ("transpose", "swapaxes"):
         return _transpose(labels, a[0], a[1])  # type: ignore[arg-type]
+    if name == "t":
+        return labels[::-1]
     if name == "movedim":
         return _movedim(labels, a[0], a[1])  # type: ignore[arg-type]
     return _permute(labels, a)  # type: ignore[arg-type]
@@ -133,15 +135,15 @@ def _feature_reason(call: str, before: Sym, after: Sym, names: dict[Atom, str]) 
     return f"{call} changes the last axis from {f} to {after.render(names)}: not time-distributed"
 
 
-def _restore_reason(got: SymShape, want: SymShape, names: dict[Atom, str]) -> str:
+def _restore_reason(got: SymShape, want: SymShape, names: dict[Atom, str], unfolded: bool) -> str:
     g, w = render_shape(got, names), render_shape(want, names)
-    if len(got) < len(want):
+    if len(got) < len(want) and not unfolded:
         return (f"the rows stay folded: the region ends with leading axes {g}, its input had {w} "
                 "(no unfold, or its result is used elsewhere)")
     if len(got) > len(want):
         return (f"the region unfolds rows into {g} that it did not fold (its input has leading "
                 f"axes {w}): the fold is outside, or its result is used elsewhere")
-    if sorted(map(repr, got)) == sorted(map(repr, want)):
+    if len(got) == len(want) and sorted(map(repr, got)) == sorted(map(repr, want)):
         return (f"unfold restores leading axes {g} but the fold merged {w}: a different order, "
                 "not time-distributed")
     return (f"unfold restores leading axes {g} but the fold merged {w}: a different split, "
@@ -257,7 +259,9 @@ def prove(chain: Chain, ctx: Context) -> Candidate | None:
     if len(cur) != len(work) or not all(
         ctx.same_size(a, b, guards) for a, b in zip(cur[:-1], work[:-1])
     ):
-        return reject(_restore_reason(cur[:-1], work[:-1], names))
+        last_dense = max(i for i, (_, r) in enumerate(body) if r.kind == "dense")
+        unfolded = any(r.kind == "reshape" and _is_real_reshape(n) for n, r in body[last_dense:])
+        return reject(_restore_reason(cur[:-1], work[:-1], names, unfolded))
     # every interior tensor must be private to the region (its sizes may feed the region's reshapes)
     inside = set(ops_)
     allowed = inside | _shape_helpers(ops_)

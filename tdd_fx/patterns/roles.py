@@ -19,7 +19,6 @@ gets ``blocked`` — the reason reported to the user.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -120,7 +119,7 @@ def _scalar_arith(node: fx.Node, ctx: Context) -> str | None:
 
 RESHAPE_METHODS = frozenset({"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as",
                              "contiguous"})
-PERMUTE_METHODS = frozenset({"transpose", "swapaxes", "permute", "movedim"})
+PERMUTE_METHODS = frozenset({"transpose", "swapaxes", "permute", "movedim", "t"})
 POINTWISE_METHODS = frozenset({"relu", "tanh", "sigmoid", "clone"})
 
 #: The table.  First matching rule wins.
@@ -140,9 +139,6 @@ RULES: tuple[Rule, ...] = (
     Rule("call_function", SCALAR_ARITH, "pointwise", _scalar_arith),
     Rule("call_method", POINTWISE_METHODS, "pointwise"),
 )
-
-SCALAR_OPS = SCALAR_ARITH | {operator.neg}
-
 
 def classify(node: fx.Node, ctx: Context) -> Role | None:
     """The role of ``node`` (None: ends a region)."""

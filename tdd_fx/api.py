@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from . import rewrite as rw
 from ._state import preserved
 from .capture import CaptureError, capture, copy_module_tree, example_summary
+from .guards import Guard, UnguardableFact, facts_to_guards
 from .ops import GuardError
 from .patterns import FAMILIES
 from .patterns.base import Candidate, Context
@@ -68,13 +69,15 @@ class _Session:
         self.gm: fx.GraphModule | None = None
         self.candidates: list[Candidate] = []
         self.ranks: dict[str, int] = {}
+        self.trace_guards: list[Guard] = []
 
     def find(self) -> None:
         try:
-            gm = capture(self.model)
+            captured = capture(self.model, self.inputs)
         except CaptureError as exc:
             self.report.notes.append(f"{exc}; the model is returned unchanged")
             return
+        gm = captured.gm
         shapes = None
         if self.inputs is not None:
             shapes = ShapeAnalysis(gm)
@@ -87,6 +90,12 @@ class _Session:
                 return
             self.ranks = {n.name: v.dim() for n, v in shapes.values.items()
                           if n.op == "placeholder" and isinstance(v, Tensor)}
+            try:
+                self.trace_guards = facts_to_guards(captured.facts, shapes)
+            except UnguardableFact as exc:
+                self.report.notes.append(f"cannot trace {type(self.model).__name__}: {exc}; "
+                                         "the model is returned unchanged")
+                return
         else:
             self.report.notes.append(NO_INPUTS)
         self.gm = gm
@@ -127,7 +136,8 @@ class _Session:
                 self.report.sites.extend(cand.sites)
             out.tdd_report = self.report
             return out
-        gm, results, guards = rw.apply(self.gm, good, self.ranks if self.inputs else {})
+        gm, results, guards = rw.apply(self.gm, good, self.ranks if self.inputs else {},
+                                       self.trace_guards)
         errors: dict[int, float] = {}
         if self.inputs is not None and good:
             pairs = {i: (c.output, results[i]) for i, c in enumerate(good) if c.output}
@@ -161,7 +171,7 @@ class _Session:
         assert self.gm is not None and self.inputs is not None
         fixed = set()
         names = [n for n in self.ranks]
-        for c in proved:
+        for c in [*proved, Candidate("trace", [], guards=self.trace_guards)]:
             for g in c.guards:
                 if g.placeholder in names:
                     fixed.update((names.index(g.placeholder), d) for d in g.dims)
@@ -178,7 +188,7 @@ class _Session:
 
         def check(cands: list[Candidate]) -> bool:
             try:
-                gm, _, _ = rw.apply(self.gm, cands, self.ranks)
+                gm, _, _ = rw.apply(self.gm, cands, self.ranks, self.trace_guards)
                 v = verify(self.model, gm, sets, ref64)
             except GuardError as exc:
                 v = Verdict(False, float("inf"), f"a guard rejects the verification inputs: {exc}")

@@ -11,10 +11,13 @@ tensors.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
 import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,6 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import ops
+from ._state import preserved
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _PKG_DIR = os.path.dirname(__file__)
@@ -74,6 +78,134 @@ class TddTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
+try:  # lets the tracer run real modules while tracing (torch >= 2.1)
+    from torch.fx._symbolic_trace import _maybe_revert_all_patches as _unpatched
+except ImportError:  # pragma: no cover
+    _unpatched = contextlib.nullcontext  # type: ignore[assignment]
+
+
+class _MetaProxy(fx.Proxy):
+    """A proxy that knows its value on the example inputs, so Python can look at shapes.
+
+    ``len()``, ``int()``/``range()``, iteration and ``bool()`` resolve concretely; each time that
+    happens the tracer records a *fact* (node, kind, value) that later becomes a guard.
+    """
+
+    def __len__(self) -> int:
+        return self.tracer.concrete_len(self)  # type: ignore[attr-defined]
+
+    def __index__(self) -> int:
+        return self.tracer.concrete_int(self)  # type: ignore[attr-defined]
+
+    __int__ = __index__
+
+    def __getattr__(self, k: str) -> _MetaAttribute:
+        return _MetaAttribute(self, k)
+
+    @classmethod
+    def __torch_function__(cls, orig_method: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        # torch's argument parser probes int-list arguments with __index__ before dispatching
+        # here with the proxies themselves: those probes decided nothing, so they are not facts.
+        kwargs = kwargs or {}
+        flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
+        proxies = [a for a in flat if isinstance(a, fx.Proxy)]
+        if proxies:
+            facts = getattr(proxies[0].tracer, "facts", None)
+            nodes = {p.node for p in proxies}
+            while facts and facts[-1].kind == "int" and facts[-1].node in nodes:
+                facts.pop()
+        return super().__torch_function__(orig_method, types, args, kwargs)
+
+
+class _MetaAttribute(_MetaProxy, fx.proxy.Attribute):
+    pass
+
+
+@dataclass
+class Fact:
+    """Something Python decided from a traced value: the trace is only valid while it holds."""
+
+    node: fx.Node
+    kind: str  # "len" | "bool" | "int"
+    value: Any
+    where: str
+
+
+class ShapeAwareTracer(TddTracer):
+    """Traces while running the model on example inputs; see :class:`_MetaProxy`."""
+
+    def __init__(self, inputs: tuple[Any, ...]) -> None:
+        super().__init__()
+        self.inputs = list(inputs)
+        self.values: dict[fx.Node, Any] = {}
+        self.facts: list[Fact] = []
+        self._placeholders = 0
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _MetaProxy(node, self)
+
+    def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, name: str | None = None,
+                     type_expr: Any = None, proxy_factory_fn: Any = None) -> fx.Proxy:
+        p = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if kind == "placeholder":
+            i = self._placeholders
+            self._placeholders += 1
+            value = self.inputs[i] if i < len(self.inputs) else (args[0] if args else None)
+        else:
+            value = self._evaluate(kind, target, args, kwargs)
+        self.values[p.node] = value
+        return p
+
+    def value(self, a: Any) -> Any:
+        return torch.utils._pytree.tree_map(
+            lambda v: self.values[v.node] if isinstance(v, fx.Proxy) else v, a)
+
+    def _evaluate(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
+        a, k = self.value(tuple(args)), self.value(dict(kwargs))
+        with _unpatched():  # run real code, not the tracer's patched Module.__call__
+            return self._run(kind, target, a, k)
+
+    def _run(self, kind: str, target: Any, a: Any, k: Any) -> Any:
+        if kind == "call_function":
+            return target(*a, **k)
+        if kind == "call_method":
+            return getattr(a[0], target)(*a[1:], **k)
+        if kind == "call_module":
+            return self.root.get_submodule(target)(*a, **k)
+        if kind == "get_attr":
+            obj: Any = self.root
+            for part in str(target).split("."):
+                obj = getattr(obj, part)
+            return obj
+        return None
+
+    def _fact(self, p: fx.Proxy, kind: str, value: Any) -> None:
+        self.facts.append(Fact(p.node, kind, value,
+                               user_location("".join(traceback.format_stack()))
+                               or node_location(p.node)))
+
+    def concrete_len(self, p: fx.Proxy) -> int:
+        v = self.values[p.node]
+        n = v.shape[0] if isinstance(v, torch.Tensor) else len(v)
+        self._fact(p, "len", n)
+        return n
+
+    def concrete_int(self, p: fx.Proxy) -> int:
+        v = self.values[p.node]
+        self._fact(p, "int", int(v))
+        return int(v)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        v = bool(self.values[obj.node])
+        self._fact(obj, "bool", v)
+        return v
+
+    def iter(self, obj: fx.Proxy) -> Iterator[Any]:
+        n = self.concrete_len(obj)
+        return iter([obj[i] for i in range(n)])
+
+
 def user_location(text: str | None) -> str:
     """``file.py:LINE`` of the innermost frame of user code in a stack trace text."""
     if not text:
@@ -112,12 +244,23 @@ def node_module_path(node: fx.Node) -> str:
     return ""
 
 
-def capture(model: nn.Module) -> fx.GraphModule:
-    """Trace ``model`` into a GraphModule that keeps its whole module tree (see module doc)."""
+@dataclass
+class Captured:
+    gm: fx.GraphModule
+    facts: list[Fact] = field(default_factory=list)
+
+
+def capture(model: nn.Module, example_inputs: tuple[Any, ...] | None = None) -> Captured:
+    """Trace ``model`` into a GraphModule that keeps its whole module tree (see module doc).
+
+    With example inputs the trace is shape-aware: Python control flow on shapes resolves on the
+    example, and each decision is returned as a :class:`Fact`.
+    """
     root = copy_module_tree(model)
-    tracer = TddTracer()
+    tracer = TddTracer() if example_inputs is None else ShapeAwareTracer(example_inputs)
     try:
-        graph = tracer.trace(root)
+        with preserved([root]), torch.no_grad():
+            graph = tracer.trace(root)
     except Exception as exc:  # fx raises many types; all mean "cannot trace this code"
         where = user_location("".join(traceback.format_tb(exc.__traceback__)))
         raise CaptureError(
@@ -126,7 +269,7 @@ def capture(model: nn.Module) -> fx.GraphModule:
         ) from exc
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     graft_tree(gm, root)
-    return gm
+    return Captured(gm, getattr(tracer, "facts", []))
 
 
 def graft_tree(gm: fx.GraphModule, root: nn.Module) -> None:

@@ -18,10 +18,11 @@ import torch.nn.functional as F
 
 from . import ops
 from .capture import graft_tree
+from .guards import Guard, insert_guards
 from .patterns.roles import Role, is_metadata
 
 if TYPE_CHECKING:
-    from .patterns.base import Candidate, Guard
+    from .patterns.base import Candidate
 
 
 def _node(gm: fx.GraphModule, name: str) -> fx.Node:
@@ -150,48 +151,25 @@ def peephole(gm: fx.GraphModule) -> int:
     return removed
 
 
-# --- guards ----------------------------------------------------------------------------------
-
-def insert_guards(gm: fx.GraphModule, ranks: dict[str, int], guards: Iterable[Guard]) -> list[str]:
-    """At the graph entry, check each input's rank and the sizes proofs relied on."""
-    by_input: dict[str, list[tuple[tuple[int, ...], int]]] = {}
-    for gd in guards:
-        entry = (gd.dims, gd.value)
-        if entry not in by_input.setdefault(gd.placeholder, []):
-            by_input[gd.placeholder].append(entry)
-    described = []
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for ph in placeholders:
-        if ph.name not in ranks:
-            continue
-        sizes = tuple(by_input.get(ph.name, []))
-        with gm.graph.inserting_after(placeholders[-1]):
-            chk = gm.graph.call_function(ops.check_input, (ph, ranks[ph.name], sizes, ph.name))
-        ph.replace_all_uses_with(chk, delete_user_cb=lambda u, c=chk: u is not c)
-        described.append(f"{ph.name}.dim() == {ranks[ph.name]}")
-        described.extend(
-            " * ".join(f"{ph.name}.shape[{d}]" for d in dims) + f" == {v}" for dims, v in sizes
-        )
-    return described
-
-
-def apply(base: fx.GraphModule, candidates: list[Candidate], ranks: dict[str, int]
-          ) -> tuple[fx.GraphModule, dict[int, str], list[str]]:
+def apply(base: fx.GraphModule, candidates: list[Candidate], ranks: dict[str, int],
+          trace_guards: Iterable[Guard] = ()) -> tuple[fx.GraphModule, dict[int, str], list[str]]:
     """A new GraphModule: ``base``'s module tree with ``candidates`` rewritten.
 
-    Returns the module, the name of each candidate's result node (by position), and the guards.
+    Returns the module, the name of each candidate's result node (by position), and the guards
+    (those the trace relied on, plus those of the applied candidates).
     """
     graph = copy.deepcopy(base.graph)
     gm = fx.GraphModule(base, graph, class_name=type(base).__name__)
     graft_tree(gm, base)
     results: dict[int, str] = {}
-    guards: list[Guard] = []
+    guards: list[Guard] = list(trace_guards)
     for i, cand in enumerate(candidates):
         assert cand.rewrite is not None
         results[i] = cand.rewrite(gm).name
         guards.extend(cand.guards)
     peephole(gm)
-    described = insert_guards(gm, ranks, guards) if candidates and ranks else []
+    erase_dead([n for n in gm.graph.nodes if is_metadata(n)], gm.graph)  # leftovers of the trace
+    described = insert_guards(gm, ranks, guards) if (candidates or guards) and ranks else []
     gm.graph.lint()
     gm.recompile()
     return gm, results, described

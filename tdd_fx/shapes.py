@@ -328,6 +328,8 @@ class ShapeAnalysis(fx.Interpreter):
             f = n.target
             if f is getattr and args[1] == "shape":
                 return first
+            if f is getattr and args[1] == "ndim":
+                return Sym.lit(len(first))
             if f is operator.getitem and isinstance(first, tuple) and isinstance(n.args[0], fx.Node):
                 idx = n.args[1]
                 if isinstance(idx, int) and all(isinstance(s, Sym) for s in first):

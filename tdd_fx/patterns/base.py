@@ -15,20 +15,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ..guards import Guard
 from ..report import Site
 from ..shapes import ShapeAnalysis, Sym, SymShape
-
-
-@dataclass(frozen=True)
-class Guard:
-    """A fact about a graph input that a proof relied on: ``prod(x.shape[d] for d in dims) == value``."""
-
-    placeholder: str
-    dims: tuple[int, ...]
-    value: int
-
-    def __str__(self) -> str:
-        return " * ".join(f"{self.placeholder}.shape[{d}]" for d in self.dims) + f" == {self.value}"
 
 
 @dataclass

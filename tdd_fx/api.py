@@ -136,13 +136,14 @@ class _Session:
                 self.report.sites.extend(cand.sites)
             out.tdd_report = self.report
             return out
-        gm, results, guards = rw.apply(self.gm, good, self.ranks if self.inputs else {},
-                                       self.trace_guards)
+        gm, _, guards = rw.apply(self.gm, good, self.ranks if self.inputs else {},
+                                 self.trace_guards, self.inputs)
         errors: dict[int, float] = {}
         if self.inputs is not None and good:
-            pairs = {i: (c.output, results[i]) for i, c in enumerate(good) if c.output}
-            try:
-                errors = site_errors(self.gm, gm, pairs, self.inputs)
+            try:  # each site's own result, before the peephole merges it with its neighbours
+                raw, results, _ = rw.apply(self.gm, good, {}, (), None, cleanup=False)
+                pairs = {i: (c.output, results[i]) for i, c in enumerate(good) if c.output}
+                errors = site_errors(self.gm, raw, pairs, self.inputs)
             except Exception:
                 errors = {}
         for cand in self.candidates:
@@ -188,7 +189,7 @@ class _Session:
 
         def check(cands: list[Candidate]) -> bool:
             try:
-                gm, _, _ = rw.apply(self.gm, cands, self.ranks, self.trace_guards)
+                gm, _, _ = rw.apply(self.gm, cands, self.ranks, self.trace_guards, self.inputs)
                 v = verify(self.model, gm, sets, ref64)
             except GuardError as exc:
                 v = Verdict(False, float("inf"), f"a guard rejects the verification inputs: {exc}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
@@ -20,6 +20,7 @@ from . import ops
 from .capture import graft_tree
 from .guards import Guard, insert_guards
 from .patterns.roles import Role, is_metadata
+from .peephole import simplify
 
 if TYPE_CHECKING:
     from .patterns.base import Candidate
@@ -117,42 +118,9 @@ def erase_dead(nodes: Iterable[fx.Node], g: fx.Graph) -> None:
                     pending.setdefault(a, None)
 
 
-# --- peephole --------------------------------------------------------------------------------
-
-def _norm(d: int, rank: int | None) -> int | None:
-    if d >= 0:
-        return d
-    return None if rank is None else d + rank
-
-
-def peephole(gm: fx.GraphModule) -> int:
-    """Cancel inverse pairs of free views left by rewrites: ``transpose(a,b)∘transpose(a,b)``,
-    ``movedim(b,a)∘movedim(a,b)``, ``squeeze(d)∘unsqueeze(d)``.  Returns how many were removed."""
-    removed = 0
-    for n in list(gm.graph.nodes):
-        if n.op != "call_method" or not n.args or not isinstance(n.args[0], fx.Node):
-            continue
-        p = n.args[0]
-        if p.op != "call_method" or len(n.args) < 2:
-            continue
-        same = False
-        if n.target in ("transpose", "swapaxes") and p.target in ("transpose", "swapaxes"):
-            same = {n.args[1], n.args[2]} == {p.args[1], p.args[2]} and all(
-                isinstance(a, int) and a >= 0 for a in (*n.args[1:3], *p.args[1:3])
-            )
-        elif n.target == "movedim" and p.target == "movedim":
-            same = (n.args[1], n.args[2]) == (p.args[2], p.args[1])
-        elif n.target == "squeeze" and p.target == "unsqueeze":
-            same = n.args[1] == p.args[1] and isinstance(n.args[1], int) and n.args[1] >= 0
-        if same:
-            n.replace_all_uses_with(p.args[0])
-            erase_dead([n, p], gm.graph)
-            removed += 1
-    return removed
-
-
 def apply(base: fx.GraphModule, candidates: list[Candidate], ranks: dict[str, int],
-          trace_guards: Iterable[Guard] = ()) -> tuple[fx.GraphModule, dict[int, str], list[str]]:
+          trace_guards: Iterable[Guard] = (), inputs: tuple[Any, ...] | None = None,
+          cleanup: bool = True) -> tuple[fx.GraphModule, dict[int, str], list[str]]:
     """A new GraphModule: ``base``'s module tree with ``candidates`` rewritten.
 
     Returns the module, the name of each candidate's result node (by position), and the guards
@@ -167,7 +135,9 @@ def apply(base: fx.GraphModule, candidates: list[Candidate], ranks: dict[str, in
         assert cand.rewrite is not None
         results[i] = cand.rewrite(gm).name
         guards.extend(cand.guards)
-    peephole(gm)
+    if cleanup:
+        gm.recompile()
+        simplify(gm, inputs, erase_dead)
     erase_dead([n for n in gm.graph.nodes if is_metadata(n)], gm.graph)  # leftovers of the trace
     described = insert_guards(gm, ranks, guards) if (candidates or guards) and ranks else []
     gm.graph.lint()

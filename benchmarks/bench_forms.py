@@ -1,0 +1,137 @@
+"""Time each hand-written form against its optimized version and a hand-written ``nn.Linear``.
+
+    python benchmarks/bench_forms.py                       # every form, default shapes, CPU
+    python benchmarks/bench_forms.py --forms reshape --mode train --shapes 16x400x80x128
+    python benchmarks/bench_forms.py --device cuda --dtype bfloat16
+
+For each (form, shape (B, T, F, O), mode) the three variants run interleaved, round after round,
+in one process; the table gives medians and the ratios that matter: optimized / nn.Linear (the
+canonical node should cost what the plain layer costs) and original / optimized (the speed-up).
+``train`` is one forward + backward (input and parameter gradients); ``infer`` is a forward under
+``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from forms import FORMS  # noqa: E402
+
+import tdd_fx  # noqa: E402
+
+DEFAULT_SHAPES = ["16x400x80x128", "32x200x128x256", "8x50x512x512", "64x100x64x64"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_fn(model: nn.Module, inputs: tuple[torch.Tensor, ...], mode: str) -> Callable[[], None]:
+    if mode == "infer":
+        def run() -> None:
+            with torch.no_grad():
+                model(*inputs)
+        return run
+    xs = tuple(x.detach().requires_grad_(x.is_floating_point()) for x in inputs)
+    with torch.no_grad():
+        grad = torch.randn_like(model(*xs))
+
+    def run() -> None:
+        model(*xs).backward(grad)
+    return run
+
+
+def measure(fns: dict[str, Callable[[], None]], device: torch.device, rounds: int,
+            min_time: float = 0.02) -> dict[str, float]:
+    """Median seconds per call of each function, measured interleaved."""
+    iters = {}
+    for name, fn in fns.items():  # warm up, and pick an iteration count per round
+        fn()
+        _sync(device)
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < min_time:
+            fn()
+            n += 1
+        _sync(device)
+        iters[name] = max(1, n)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(iters[name]):
+                fn()
+            _sync(device)
+            samples[name].append((time.perf_counter() - t0) / iters[name])
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def bench(form: str, shape: tuple[int, int, int, int], mode: str, dtype: torch.dtype,
+          device: torch.device, rounds: int) -> dict[str, object]:
+    b, t, f, o = shape
+    torch.manual_seed(0)
+    builder, _ = FORMS[form]
+    model, inputs = builder(b, t, f, o)
+    model = model.to(device=device, dtype=dtype).train(mode == "train")
+    inputs = tuple(x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+                   for x in inputs)
+    optimized = tdd_fx.optimize(model, inputs)
+    linear = nn.Linear(f, o).to(device=device, dtype=dtype)
+    x_btf = torch.randn(b, t, f, device=device, dtype=dtype)
+    times = measure({
+        "original": step_fn(model, inputs, mode),
+        "optimized": step_fn(optimized, inputs, mode),
+        "nn.Linear": step_fn(linear, (x_btf,), mode),
+    }, device, rounds)
+    kernels = {s.kernel for s in optimized.tdd_report.rewritten} or {"(not rewritten)"}
+    return {
+        "form": form, "B,T,F,O": ",".join(map(str, shape)), "mode": mode,
+        "dtype": str(dtype).replace("torch.", ""), "kernel": "/".join(sorted(kernels)),
+        "original ms": times["original"] * 1e3, "optimized ms": times["optimized"] * 1e3,
+        "nn.Linear ms": times["nn.Linear"] * 1e3,
+        "opt/linear": times["optimized"] / times["nn.Linear"],
+        "orig/linear": times["original"] / times["nn.Linear"],
+        "speed-up": times["original"] / times["optimized"],
+    }
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--forms", nargs="*", default=sorted(FORMS), choices=sorted(FORMS))
+    p.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, help="BxTxFxO")
+    p.add_argument("--mode", choices=["train", "infer", "both"], default="both")
+    p.add_argument("--dtype", nargs="*", default=["float32"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    modes = ["infer", "train"] if args.mode == "both" else [args.mode]
+    rows = []
+    for form in args.forms:
+        for s in args.shapes:
+            shape = tuple(int(v) for v in s.split("x"))
+            for dt in args.dtype:
+                for mode in modes:
+                    rows.append(bench(form, shape, mode, getattr(torch, dt), device, args.rounds))
+                    print(f"  done {form} {s} {dt} {mode}", file=sys.stderr, flush=True)
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
+    print(tabulate(rows, headers="keys", floatfmt=".3f", tablefmt="github"))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

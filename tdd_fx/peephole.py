@@ -1,0 +1,144 @@
+"""Peephole: remove runs of free view ops that compose to the identity.
+
+Rewrites leave size-1 axes and transposes that the original form needed (a conv's channel and
+kernel axes, the transposes around a channel-first site) next to the user's own inverse ops.  Two
+rules, each exact:
+
+* a run of **reshapes** (view/reshape/flatten/unflatten/squeeze/unsqueeze) is a row-major
+  regrouping; if it ends with the symbolic shape it started from, it is the identity;
+* a run of **permutes** (permute/transpose/movedim/t) whose composed permutation is the identity
+  is the identity.
+
+``contiguous()`` inside a run is dropped with it.  With example inputs, shapes come from
+:class:`~tdd_fx.shapes.ShapeAnalysis` of the rewritten graph; without, only syntactic inverse
+pairs are recognised.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .shapes import ShapeAnalysis, _movedim, _permute, _transpose
+
+RESHAPE_METHODS = frozenset({"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze",
+                             "view_as", "reshape_as"})
+PERMUTE_METHODS = frozenset({"permute", "transpose", "swapaxes", "movedim", "t"})
+RESHAPE_FUNCTIONS = frozenset({torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze})
+PERMUTE_FUNCTIONS = frozenset({torch.permute, torch.transpose, torch.movedim, torch.t})
+
+
+def _category(n: Any) -> str | None:
+    if not isinstance(n, fx.Node) or not n.args or not isinstance(n.args[0], fx.Node):
+        return None
+    if n.op == "call_method":
+        if n.target == "contiguous":
+            return "neutral"
+        if n.target in RESHAPE_METHODS:
+            return "reshape"
+        if n.target in PERMUTE_METHODS:
+            return "permute"
+    if n.op == "call_function":
+        if n.target in RESHAPE_FUNCTIONS:
+            return "reshape"
+        if n.target in PERMUTE_FUNCTIONS:
+            return "permute"
+    return None
+
+
+def _apply_perm(n: fx.Node, labels: tuple[int, ...]) -> tuple[int, ...] | None:
+    name = n.target if isinstance(n.target, str) else n.target.__name__
+    a = list(n.args[1:])
+    if any(not isinstance(v, (int, tuple, list)) for v in a):
+        return None
+    if name in ("transpose", "swapaxes"):
+        return _transpose(labels, a[0], a[1])  # type: ignore[arg-type]
+    if name == "movedim":
+        return _movedim(labels, a[0], a[1])  # type: ignore[arg-type]
+    if name == "t":
+        return labels[::-1]
+    return _permute(labels, a)  # type: ignore[arg-type]
+
+
+def _is_identity(src: fx.Node, run: list[fx.Node], kind: str, shapes: ShapeAnalysis | None) -> bool:
+    if kind == "reshape":
+        if shapes is not None:
+            a, b = shapes.shape(src), shapes.shape(run[-1])
+            # equal forms, and no "literal == input dim" assumption made along the way
+            return a is not None and a == b and shapes.assumed.get(run[-1], frozenset()) <= \
+                shapes.assumed.get(src, frozenset())
+        return _syntactic_pair(run)
+    rank = None
+    if shapes is not None and shapes.shape(src) is not None:
+        rank = len(shapes.shape(src))  # type: ignore[arg-type]
+    if rank is None:
+        return _syntactic_pair(run)
+    labels = tuple(range(rank))
+    for n in run:
+        if _category(n) == "neutral":
+            continue
+        try:
+            got = _apply_perm(n, labels)
+        except (IndexError, TypeError):
+            return False
+        if got is None:
+            return False
+        labels = got
+    return labels == tuple(range(rank))
+
+
+def _syntactic_pair(run: list[fx.Node]) -> bool:
+    ops = [n for n in run if _category(n) != "neutral"]
+    if len(ops) != 2:
+        return False
+    p, n = ops
+    if n.target in ("transpose", "swapaxes") and p.target in ("transpose", "swapaxes"):
+        return {n.args[1], n.args[2]} == {p.args[1], p.args[2]} and all(
+            isinstance(a, int) and a >= 0 for a in (*n.args[1:3], *p.args[1:3]))
+    if n.target == "movedim" and p.target == "movedim":
+        return (n.args[1], n.args[2]) == (p.args[2], p.args[1])
+    if n.target == "squeeze" and p.target == "unsqueeze":
+        return len(n.args) > 1 and n.args[1] == p.args[1] and isinstance(n.args[1], int) \
+            and n.args[1] >= 0
+    return False
+
+
+def simplify(gm: fx.GraphModule, inputs: tuple[Any, ...] | None = None,
+             erase: Any = None) -> int:
+    """Remove identity runs of view ops; returns how many runs were removed."""
+    shapes = None
+    if inputs is not None:
+        shapes = ShapeAnalysis(gm)
+        try:
+            shapes.analyse(*inputs)
+        except Exception:
+            shapes = None
+    removed = 0
+    changed = True
+    while changed:
+        changed = False
+        for z in list(gm.graph.nodes):
+            kind = _category(z)
+            if kind not in ("reshape", "permute"):
+                continue
+            run = [z]
+            src = z.args[0]
+            while True:
+                if _is_identity(src, run, kind, shapes):
+                    z.replace_all_uses_with(src)
+                    if erase is not None:
+                        erase(run[::-1], gm.graph)
+                    removed += 1
+                    changed = True
+                    break
+                c = _category(src)
+                if c not in (kind, "neutral") or len(run) >= 8:
+                    break
+                run.insert(0, src)
+                src = src.args[0]
+            if changed:
+                break
+    return removed
+

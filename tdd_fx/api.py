@@ -101,7 +101,10 @@ class _Session:
         self.gm = gm
         ctx = Context(gm, shapes, _device(self.model, self.inputs))
         for family in FAMILIES:
-            self.candidates.extend(family.find(ctx))
+            found = family.find(ctx)
+            for cand in found:
+                ctx.claimed.update(cand.nodes)
+            self.candidates.extend(found)
 
     # ----------------------------------------------------------------------------------------
     def audit(self) -> Report:

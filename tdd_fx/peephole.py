@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from . import ops
 from .shapes import ShapeAnalysis, _movedim, _permute, _transpose
 
 RESHAPE_METHODS = frozenset({"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze",
@@ -105,6 +106,37 @@ def _syntactic_pair(run: list[fx.Node]) -> bool:
     return False
 
 
+def _sink_permute(gm: fx.GraphModule, z: fx.Node, shapes: ShapeAnalysis) -> bool:
+    """``permute(tdd(x, fd=k))`` moving axis k last, others in order  ->  ``tdd(x.movedim(k, -1))``:
+    the same values, computed directly in the layout the user wants (contiguous output)."""
+    if _category(z) != "permute":
+        return False
+    p = z.args[0]
+    if not (p.op == "call_function" and p.target is ops.time_distributed_dense
+            and len(p.users) == 1 and shapes.shape(p) is not None):
+        return False
+    rank = len(shapes.shape(p))  # type: ignore[arg-type]
+    k = p.kwargs.get("feature_dim", -1) % rank
+    try:
+        perm = _apply_perm(z, tuple(range(rank)))
+    except (IndexError, TypeError):
+        return False
+    if k == rank - 1 or perm != tuple(i for i in range(rank) if i != k) + (k,):
+        return False
+    g = gm.graph
+    with g.inserting_before(z):
+        moved = g.call_method("movedim", (p.args[0], k, -1))
+        new = g.call_function(ops.time_distributed_dense, (moved, *p.args[1:]),
+                              {**p.kwargs, "feature_dim": -1, "impl": "linear"})
+    new.meta.update(p.meta)
+    z.replace_all_uses_with(new)
+    g.erase_node(z)
+    g.erase_node(p)
+    shapes.sym[new] = shapes.sym.get(z)
+    shapes.sym[moved] = None
+    return True
+
+
 def simplify(gm: fx.GraphModule, inputs: tuple[Any, ...] | None = None,
              erase: Any = None) -> int:
     """Remove identity runs of view ops; returns how many runs were removed."""
@@ -120,6 +152,10 @@ def simplify(gm: fx.GraphModule, inputs: tuple[Any, ...] | None = None,
     while changed:
         changed = False
         for z in list(gm.graph.nodes):
+            if shapes is not None and _sink_permute(gm, z, shapes):
+                removed += 1
+                changed = True
+                break
             kind = _category(z)
             if kind not in ("reshape", "permute"):
                 continue

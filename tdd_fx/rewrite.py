@@ -9,6 +9,7 @@ identity and autograd are untouched.
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,10 @@ def _dense_params(gm: fx.GraphModule, op: fx.Node) -> tuple[fx.Node, fx.Node | N
         return w, b
     if op.target is ops.time_distributed_dense:
         return op.args[1], (op.args[2] if len(op.args) > 2 else op.kwargs.get("bias"))
+    if op.target is torch.addmm:  # addmm(b, x, W) with W stored (in, out)
+        return g.call_method("t", (op.args[2],)), op.args[0]
+    if op.target in (torch.mm, torch.matmul, operator.matmul, "mm", "matmul"):  # x @ W, (in, out)
+        return g.call_method("t", (op.args[1],)), None
     w = op.args[1] if len(op.args) > 1 else op.kwargs["weight"]
     b = op.args[2] if len(op.args) > 2 else op.kwargs.get("bias")
     return w, b

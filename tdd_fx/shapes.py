@@ -200,6 +200,35 @@ def _movedim(src: SymShape, a: int, b: int) -> SymShape:
     return tuple(out)
 
 
+def _matmul(a: SymShape, b: SymShape) -> SymShape | None:
+    """Shape of ``a @ b`` (both at least 2-D; batch dims must already agree or be absent)."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    if len(b) == 2:
+        return a[:-1] + (b[-1],)
+    if len(a) == 2:
+        return b[:-2] + (a[0], b[-1])
+    if a[:-2] == b[:-2]:
+        return a[:-1] + (b[-1],)
+    return None
+
+
+def _einsum(eq: Any, operands: Any) -> SymShape | None:
+    if len(operands) == 1 and isinstance(operands[0], tuple) and operands[0] and isinstance(
+            operands[0][0], tuple):
+        operands = operands[0]
+    if not isinstance(eq, str) or "->" not in eq or "." in eq:
+        return None
+    ins, out = eq.replace(" ", "").split("->")
+    sizes: dict[str, Sym] = {}
+    for spec, shape in zip(ins.split(","), operands):
+        if not isinstance(shape, tuple) or len(spec) != len(shape):
+            return None
+        for ch, sz in zip(spec, shape):
+            sizes.setdefault(ch, sz)
+    return tuple(sizes[ch] for ch in out)
+
+
 def _unsqueeze(src: SymShape, d: int) -> SymShape:
     d = _norm_dim(d, len(src) + 1)
     return src[:d] + (Sym.lit(1),) + src[d:]
@@ -291,6 +320,9 @@ class ShapeAnalysis(fx.Interpreter):
             if isinstance(result, torch.Tensor):
                 return tuple(Sym.of(Atom(n.name, i, int(s))) for i, s in enumerate(result.shape))
             return None
+        if n.op == "get_attr":  # parameters and buffers have fixed shapes
+            return tuple(Sym.lit(v) for v in result.shape) if isinstance(result, torch.Tensor) \
+                else None
         if n.op == "call_method":
             m = n.target
             if m == "size":
@@ -323,6 +355,13 @@ class ShapeAnalysis(fx.Interpreter):
                 return _unsqueeze(first, _lit(args[1] if len(args) > 1 else kw["dim"]))
             if m == "squeeze":
                 return _squeeze(first, *[_lit(a) for a in args[1:]])
+            if m in ("matmul", "mm", "bmm"):
+                return _matmul(first, args[1])
+            if m == "expand":
+                sizes = args[1] if len(args) == 2 and isinstance(args[1], tuple) else args[1:]
+                lead = len(sizes) - len(first)
+                return tuple(first[i - lead] if (s.is_literal and s.coef == -1) else s
+                             for i, s in enumerate(sizes))
             return None
         if n.op == "call_function":
             f = n.target
@@ -337,6 +376,16 @@ class ShapeAnalysis(fx.Interpreter):
                 if isinstance(idx, slice):
                     return first[idx]
                 return None
+            if f is operator.add and isinstance(first, tuple) and isinstance(args[1], tuple):
+                return first + args[1]  # torch.Size concatenation
+            if f is torch.addmm:
+                return (args[1][0], args[2][1])
+            if f in (torch.mm, torch.matmul, operator.matmul, torch.bmm):
+                return _matmul(first, args[1])
+            if f is torch.baddbmm:
+                return _matmul(args[1], args[2])
+            if f is torch.einsum:
+                return _einsum(n.args[0], args[1:])
             if f is operator.mul and isinstance(first, Sym) and isinstance(args[1], Sym):
                 return first * args[1]
             if f is operator.floordiv and isinstance(first, Sym) and isinstance(args[1], Sym):

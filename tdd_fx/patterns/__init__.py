@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import reshape
+from . import conv, matmul, reshape
 
 #: The families ``optimize``/``audit`` run, in order.
-FAMILIES: tuple[ModuleType, ...] = (reshape,)
+FAMILIES: tuple[ModuleType, ...] = (reshape, conv, matmul)
 
 __all__ = ["FAMILIES"]

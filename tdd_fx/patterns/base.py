@@ -27,6 +27,8 @@ class Context:
     gm: fx.GraphModule
     shapes: ShapeAnalysis | None
     device: torch.device
+    #: nodes an earlier family already made a candidate of
+    claimed: set[str] = field(default_factory=set)
 
     def shape(self, node: Any) -> SymShape | None:
         return None if self.shapes is None else self.shapes.shape(node)

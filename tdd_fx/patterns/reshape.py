@@ -150,6 +150,14 @@ def _restore_reason(got: SymShape, want: SymShape, names: dict[Atom, str], unfol
             "not time-distributed")
 
 
+def dense_pattern(node: fx.Node) -> str:
+    """Sites are named by their dense op: a layer (``reshape``) or a hand-written product."""
+    if node.op == "call_module" or node.target in (ops.time_distributed_dense,) or getattr(
+            node.target, "__name__", "") == "linear":
+        return PATTERN
+    return "matmul"
+
+
 def _sites(chain: Chain, ctx: Context, status: str, reason: str, fd: int | None) -> list[Site]:
     sites = []
     for node, role in zip(chain.ops, chain.roles):
@@ -158,7 +166,7 @@ def _sites(chain: Chain, ctx: Context, status: str, reason: str, fd: int | None)
         module = node_module_path(node)
         source = node_location(node)
         where = (module or node.name) + (f" ({source})" if source else "")
-        t_in = ctx.shapes.tensor(node.args[0]) if ctx.shapes else None
+        t_in = ctx.shapes.tensor(node.args[role.data]) if ctx.shapes else None
         t_out = ctx.shapes.tensor(node) if ctx.shapes else None
         t_entry = ctx.shapes.tensor(chain.entry) if ctx.shapes else None
         shp_in = None if t_in is None else tuple(t_in.shape)
@@ -171,7 +179,7 @@ def _sites(chain: Chain, ctx: Context, status: str, reason: str, fd: int | None)
             base[fd] = shp_out[-1]
             shp_out = tuple(base)
         sites.append(Site(
-            pattern=PATTERN, status=status, where=where,  # type: ignore[arg-type]
+            pattern=dense_pattern(node), status=status, where=where,  # type: ignore[arg-type]
             reason=reason or role.blocked, module=module, source=source,
             in_shape=shp_in, out_shape=shp_out, feature_dim=fd,
         ))

@@ -19,6 +19,7 @@ gets ``blocked`` — the reason reported to the user.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,48 @@ def _linear_module(node: fx.Node, ctx: Context) -> str | None:
 
 
 def _functional_linear(node: fx.Node, ctx: Context) -> str | None:
+    return None
+
+
+FREE_VIEWS = frozenset({"t", "transpose", "permute", "view", "reshape", "unsqueeze", "squeeze",
+                        "expand", "contiguous", "detach", "to", "float"})
+
+
+def constant_base(n: object) -> fx.Node | None:
+    """The ``get_attr`` (parameter, buffer, constant) ``n`` is a free view of, or None."""
+    while isinstance(n, fx.Node):
+        if n.op == "get_attr":
+            return n
+        view = n.op == "call_method" and n.target in FREE_VIEWS
+        attr = n.op == "call_function" and n.target is getattr and n.args[1] in ("T", "mT")
+        if view or attr:
+            n = n.args[0]
+        else:
+            return None
+    return None
+
+
+def _rank_of(n: object, ctx: Context) -> int | None:
+    s = ctx.shape(n)
+    return None if s is None else len(s)
+
+
+def _hand_dense(node: fx.Node, ctx: Context) -> str | None:
+    """``x @ W`` / ``mm(x, W)`` / ``addmm(b, x, W)``: a dense layer when ``W`` is a 2-D constant
+    (parameter/buffer or a free view of one) and, for addmm, ``b`` is a 1-D constant."""
+    if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+        return "no"
+    addmm = node.target is torch.addmm
+    w = node.args[2] if addmm else (node.args[1] if len(node.args) > 1 else None)
+    if constant_base(w) is None or _rank_of(w, ctx) != 2:
+        return "no"
+    if addmm:
+        if constant_base(node.args[0]) is None or _rank_of(node.args[0], ctx) != 1:
+            return "no"
+        if _rank_of(node.args[1], ctx) != 2:
+            return "no"
+    elif _rank_of(node.args[0], ctx) in (None, 1):
+        return "no"
     return None
 
 
@@ -131,6 +174,10 @@ RULES: tuple[Rule, ...] = (
     Rule("call_module", (nn.Linear,), "dense", _linear_module),
     Rule("call_function", {F.linear, torch._C._nn.linear}, "dense", _functional_linear),
     Rule("call_function", {ops.time_distributed_dense}, "dense", _canonical_last),
+    Rule("call_function", {torch.addmm}, "dense", _hand_dense),
+    Rule("call_function", {torch.mm, torch.matmul, operator.matmul}, "dense",
+         _hand_dense),
+    Rule("call_method", {"mm", "matmul"}, "dense", _hand_dense),
     Rule("call_module", POINTWISE_MODULES + (nn.LayerNorm, nn.PReLU), "pointwise", _plain_module),
     Rule("call_module", (nn.BatchNorm1d, nn.GroupNorm, nn.Softmax, nn.LogSoftmax), "featurewise",
          _featurewise_module),
@@ -157,6 +204,8 @@ def classify(node: fx.Node, ctx: Context) -> Role | None:
             return Role(rule.kind, blocked=verdict[1:])
         if verdict:
             return None
+        if node.op == "call_function" and node.target is torch.addmm:
+            return Role(rule.kind, data=1)
         return Role(rule.kind)
     return None
 

@@ -122,6 +122,14 @@ class _Session:
             out.tdd_report = self.report
             return out
         proved = [c for c in self.candidates if c.proved]
+        if self.inputs is None and not proved:  # an unverifiable re-trace gains nothing
+            for cand in self.candidates:
+                for site in cand.sites:
+                    site.status = "rejected"
+                self.report.sites.extend(cand.sites)
+            out = copy_module_tree(self.model)
+            out.tdd_report = self.report
+            return out
         if self.inputs is None:
             good, bad = proved, {}
             verdict = None

@@ -279,6 +279,9 @@ def graft_tree(gm: fx.GraphModule, root: nn.Module) -> None:
     gm._buffers = type(root._buffers)(root._buffers)
     gm._non_persistent_buffers_set = set(root._non_persistent_buffers_set)
     gm.training = root.training
+    for name in _HOOK_DICTS:  # the root's own hooks run around the graph, as around forward
+        if hasattr(root, name):
+            setattr(gm, name, copy.copy(getattr(root, name)))
 
 
 def example_summary(inputs: tuple[Any, ...]) -> str:

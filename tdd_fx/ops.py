@@ -32,6 +32,8 @@ __all__ = [
 
 
 def _linear_last(x: Tensor, w: Tensor, b: Tensor | None, d: int) -> Tensor:
+    if d != x.dim() - 1:
+        return _linear_between_transposes(x, w, b, d)
     return F.linear(x, w, b)
 
 
@@ -173,8 +175,9 @@ class TimeDistributed(nn.Module):
         self.module = module
 
     def forward(self, x: Tensor) -> Tensor:
-        if type(self.module) is nn.Linear:
-            return time_distributed_dense(x, self.module.weight, self.module.bias)
+        m = self.module
+        if type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks):
+            return time_distributed_dense(x, m.weight, m.bias)
         y = self.module(x.flatten(0, 1))
         return y.unflatten(0, (x.shape[0], x.shape[1]))
 

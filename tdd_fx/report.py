@@ -100,7 +100,8 @@ class Report:
             for s in self.sites
         ]
         headers = ["pattern", "where", "status", "shapes", "kernel", "max err", "reason"]
-        return tabulate(rows, headers=headers, tablefmt=fmt, maxcolwidths=[None] * 6 + [60])
+        return tabulate(rows, headers=headers, tablefmt=fmt, maxcolwidths=[None] * 6 + [60],
+                        disable_numparse=True)
 
     def __str__(self) -> str:
         parts = [self.table() if self.sites else "(no candidate sites)", self.summary()]

@@ -143,8 +143,9 @@ def verify(original: nn.Module, candidate: nn.Module, input_sets: Iterable[Seque
     models = [m for m in (original, candidate, ref64) if m is not None]
     with preserved(models):
         for training, inputs in plan:
-            for m in models:
-                m.train(training)
+            if training != mode:  # the other mode, as opt.train()/opt.eval() would set it
+                for m in models:
+                    m.train(training)
             try:
                 o = run(original, inputs)
             except Exception as exc:  # the original itself fails here: nothing to compare

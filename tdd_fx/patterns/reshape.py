@@ -229,6 +229,8 @@ def prove(chain: Chain, ctx: Context) -> Candidate | None:
     ops_, roles = region, region_roles
     if not any(r.kind == "dense" for _, r in body):
         return None
+    if all(n.target is ops.time_distributed_dense for n, r in body if r.kind == "dense"):
+        return None  # already canonical: nothing new (e.g. a rewrite's own local fold)
     has_reshape = any(r.kind == "reshape" and _is_real_reshape(n) for n, r in body)
     if not has_reshape and not channel_first:
         return None  # a plain dense layer, nothing to do
@@ -338,6 +340,8 @@ def _fold_near_misses(ctx: Context, claimed: set[str]) -> list[Candidate]:
         back = ctx.shape(after[0])
         if back is None or len(back) < len(src) or inner.name in claimed:
             continue
+        if after[0].target == "view_as" and after[0].args[1] is n.args[0]:
+            continue  # a local fold (rows in, the same rows out): exact, not a near-miss
         r = classify(inner, ctx)
         if r is not None and r.kind == "dense":
             continue

@@ -1,0 +1,323 @@
+"""The canonical operation, its kernels, the TimeDistributed layer, and the entry guards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from conftest import assert_equivalent
+from torch import nn
+
+import tdd_fx
+from tdd_fx.ops import KERNELS, check_input, choose_kernel, time_distributed_dense
+
+
+def reference(x, w, b, d):
+    return F.linear(x.movedim(d, -1), w, b).movedim(-1, d)
+
+
+def rand(*shape: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+# (input shape, feature_dim as written, positive feature axis)
+LAYOUTS = [
+    ((3, 5, 6), -1, 2),  # channel-last 3-D
+    ((3, 5, 6), 2, 2),
+    ((3, 6, 5), 1, 1),  # channel-first 3-D
+    ((3, 6, 5), -2, 1),
+    ((2, 3, 4, 6), -1, 3),  # channel-last 4-D
+    ((2, 6, 3, 4), 1, 1),  # channel-first 4-D (image-like)
+    ((2, 3, 6, 4), 2, 2),  # features in the middle of 4-D
+    ((6, 7), 0, 0),  # features first, 2-D
+]
+
+
+def _check_against_reference(fn, shape, d, bias: bool) -> None:
+    f = shape[d]
+    x = rand(*shape).requires_grad_()
+    w = rand(4, f, seed=1).requires_grad_()
+    b = rand(4, seed=2).requires_grad_() if bias else None
+    leaves = [x, w] + ([b] if bias else [])
+    y = fn(x, w, b)
+    want = reference(x, w, b, d)
+    assert y.shape == want.shape
+    torch.testing.assert_close(y, want)
+    cot = rand(*want.shape, seed=3)
+    got_g = torch.autograd.grad(y, leaves, cot)
+    want_g = torch.autograd.grad(want, leaves, cot)
+    for g1, g2 in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(g1, g2)
+
+
+LINEAR_BUG = ("BUG: KERNELS['linear'] (ops._linear_last) ignores its feature axis and applies "
+              "F.linear to the last axis, so time_distributed_dense(..., feature_dim=d, "
+              "impl='linear') with d not last raises or silently computes something else")
+
+
+def _off_last_axis_linear(impl: str, shape: tuple, d: int) -> bool:
+    return impl == "linear" and d != len(shape) - 1
+
+
+def kernel_cases() -> list:
+    """Every kernel x layout, except 'linear' off the last axis (its own xfail test below)."""
+    return [pytest.param(impl, shape, fd, d, id=f"{impl}-{'x'.join(map(str, shape))}-fd{fd}")
+            for impl in sorted(KERNELS) for shape, fd, d in LAYOUTS
+            if not _off_last_axis_linear(impl, shape, d)]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("impl,shape,fd,d", kernel_cases())
+def test_time_distributed_dense_every_kernel(impl, shape, fd, d, bias):
+    _check_against_reference(
+        lambda x, w, b: time_distributed_dense(x, w, b, feature_dim=fd, impl=impl), shape, d, bias)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("impl,shape,fd,d", kernel_cases())
+def test_kernel_called_directly(impl, shape, fd, d, bias):
+    """Each kernel is correct on its own, also for the last axis (which the dispatcher sends
+    to F.linear), so any kernel may be chosen anywhere."""
+    kernel = KERNELS[impl]
+    _check_against_reference(lambda x, w, b: kernel(x, w, b, d), shape, d, bias)
+
+
+@pytest.mark.parametrize("impl", sorted(set(KERNELS) - {"linear"}))
+def test_kernels_on_float32_and_noncontiguous_input(impl):
+    x = torch.randn(4, 7, 6).transpose(1, 2)  # (4, 6, 7), features on axis 1, not contiguous
+    w, b = torch.randn(3, 6), torch.randn(3)
+    want = reference(x, w, b, 1)
+    got = time_distributed_dense(x, w, b, feature_dim=1, impl=impl)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_linear_kernel_off_the_last_axis(bias):
+    """The layouts left out of the sweeps above, for impl='linear' (dispatcher and kernel)."""
+    for shape, fd, d in LAYOUTS:
+        if not _off_last_axis_linear("linear", shape, d):
+            continue
+        _check_against_reference(
+            lambda x, w, b, fd=fd: time_distributed_dense(x, w, b, feature_dim=fd, impl="linear"),
+            shape, d, bias)
+        _check_against_reference(lambda x, w, b, d=d: KERNELS["linear"](x, w, b, d), shape, d, bias)
+
+
+def test_linear_kernel_off_the_last_axis_is_not_silently_wrong():
+    """(B, F, T) with F == T: the 'linear' kernel runs without error on the wrong axis."""
+    x, w = rand(2, 6, 6), rand(4, 6, seed=1)
+    want = reference(x, w, None, 1)
+    try:
+        got = time_distributed_dense(x, w, None, feature_dim=1, impl="linear")
+    except Exception:  # refusing would be acceptable too; a silent wrong result is not
+        return
+    torch.testing.assert_close(got, want)
+
+
+def test_unknown_kernel_is_an_error_off_the_last_axis():
+    with pytest.raises(KeyError):
+        time_distributed_dense(torch.randn(2, 3, 4), torch.randn(5, 3), None, feature_dim=1,
+                               impl="no-such-kernel")
+
+
+def test_choose_kernel_heuristic():
+    assert choose_kernel(-1, 3) == "linear"
+    assert choose_kernel(2, 3) == "linear"
+    assert choose_kernel(1, 3, "cpu") in KERNELS
+    assert choose_kernel(1, 3, "cpu") != "linear"  # 'linear' alone is channel-last only
+    assert choose_kernel(1, 3, "cuda") in KERNELS
+    assert choose_kernel(1, 4) in KERNELS
+
+
+# --------------------------------------------------------------------------------------------
+# TimeDistributed
+
+
+def per_step(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.stack([module(x[:, t]) for t in range(x.shape[1])], 1)
+
+
+def test_time_distributed_linear_equals_linear():
+    lin = nn.Linear(6, 4).double()
+    td = tdd_fx.TimeDistributed(lin)
+    x = rand(3, 5, 6).requires_grad_()
+    y = td(x)
+    assert y.shape == (3, 5, 4)
+    want = lin(x)
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(y, per_step(lin, x))
+    g1 = torch.autograd.grad(y.sum(), [x, lin.weight, lin.bias])
+    g2 = torch.autograd.grad(want.sum(), [x, lin.weight, lin.bias])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+    # the same Parameters
+    assert list(td.parameters()) == [lin.weight, lin.bias]
+    assert list(td.state_dict()) == ["module.weight", "module.bias"]
+
+
+def test_time_distributed_linear_on_4d_steps():
+    lin = nn.Linear(6, 4).double()
+    x = rand(2, 3, 5, 6)
+    torch.testing.assert_close(tdd_fx.TimeDistributed(lin)(x), per_step(lin, x))
+
+
+def test_time_distributed_sequential_folds_time_into_batch():
+    seq = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    td = tdd_fx.TimeDistributed(seq)
+    x = rand(3, 5, 6)
+    y = td(x)
+    assert y.shape == (3, 5, 2)
+    torch.testing.assert_close(y, per_step(seq, x))
+    torch.testing.assert_close(y, seq(x.flatten(0, 1)).unflatten(0, (3, 5)))
+
+
+def test_time_distributed_conv1d_per_step():
+    conv = nn.Conv1d(4, 3, kernel_size=3, padding=1).double()
+    td = tdd_fx.TimeDistributed(conv)
+    x = rand(2, 5, 4, 7)  # (B, T, C, L): a Conv1d on each of the T steps
+    y = td(x)
+    assert y.shape == (2, 5, 3, 7)
+    torch.testing.assert_close(y, per_step(conv, x))
+
+
+def test_time_distributed_rejects_non_modules():
+    with pytest.raises(TypeError, match="Module"):
+        tdd_fx.TimeDistributed(lambda x: x)
+
+
+def test_time_distributed_linear_subclass_is_not_short_circuited():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    layer = Scaled(6, 4).double()
+    x = rand(3, 5, 6)
+    torch.testing.assert_close(tdd_fx.TimeDistributed(layer)(x), per_step(layer, x))
+
+
+def test_time_distributed_linear_runs_the_inner_layers_hooks():
+    lin = nn.Linear(6, 4).double()
+    seen = []
+    lin.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    lin.register_forward_pre_hook(lambda m, i: (i[0] * 0,))
+    x = rand(3, 5, 6)
+    y = tdd_fx.TimeDistributed(lin)(x)
+    assert seen, "forward hook of the inner Linear never ran"
+    torch.testing.assert_close(y, per_step(lin, x))
+
+
+def test_time_distributed_linear_traces_to_the_canonical_node():
+    td = tdd_fx.TimeDistributed(nn.Linear(6, 4))
+    gm = fx.symbolic_trace(td)
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert [n.target for n in calls] == [tdd_fx.time_distributed_dense]
+    assert not any(n.op == "call_module" for n in gm.graph.nodes)
+    x = torch.randn(3, 5, 6)
+    torch.testing.assert_close(gm(x), td(x))
+    assert set(dict(gm.named_parameters())) == {"module.weight", "module.bias"}
+
+
+def test_canonical_node_in_a_user_graph_gets_its_own_node():
+    def f(x, w, b):
+        return time_distributed_dense(torch.relu(x), w, b, feature_dim=1, impl="linear_t")
+
+    gm = fx.symbolic_trace(f)
+    node = next(n for n in gm.graph.nodes if n.target is tdd_fx.time_distributed_dense)
+    assert node.kwargs == {"feature_dim": 1, "impl": "linear_t"}
+    x, w, b = torch.randn(2, 6, 5), torch.randn(3, 6), torch.randn(3)
+    torch.testing.assert_close(gm(x, w, b), reference(torch.relu(x), w, b, 1))
+
+
+class UsesTD(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = tdd_fx.TimeDistributed(nn.Linear(6, 8))
+        self.out = tdd_fx.TimeDistributed(nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.out(torch.relu(self.inp(x)))
+
+
+def test_optimize_of_time_distributed_model_finds_nothing():
+    model = UsesTD()
+    inputs = (torch.randn(3, 5, 6),)
+    opt = tdd_fx.optimize(model, inputs)
+    report = opt.tdd_report
+    assert report.rewritten == []
+    assert report.rolled_back == []
+    assert tdd_fx.audit(model, inputs).found == []
+    assert_equivalent(opt, model, inputs)
+    assert list(opt.state_dict()) == list(model.state_dict())
+    assert sum(n.target is tdd_fx.time_distributed_dense for n in opt.graph.nodes) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# guards
+
+
+class Wrap(nn.Module):
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        y = self.module(x.contiguous().view(-1, x.size(-1)))
+        return y.view(x.size(0), -1, y.size(-1))
+
+
+class Literal(nn.Module):
+    """The proof relies on literal sizes: 40 == B*T, (4, 10) == (B, T)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc(x.view(40, 16)).view(4, 10, 8)
+
+
+def test_guard_rejects_another_rank_with_a_clear_message():
+    model = Wrap(nn.Linear(6, 4))
+    opt = tdd_fx.optimize(model, (torch.randn(3, 5, 6),))
+    assert len(opt.tdd_report.rewritten) == 1
+    x4 = torch.randn(2, 3, 5, 6)
+    model(x4)  # the original accepts it (and gives (2, 15, 4))
+    with pytest.raises(tdd_fx.GuardError) as info:
+        opt(x4)
+    msg = str(info.value)
+    assert "3-D" in msg
+    assert "(2, 3, 5, 6)" in msg
+    assert "optimize() again" in msg or "original" in msg
+    with pytest.raises(tdd_fx.GuardError):
+        opt(torch.randn(3, 6))
+    # the right rank with other sizes is fine
+    x = torch.randn(7, 2, 6)
+    torch.testing.assert_close(opt(x), model(x))
+
+
+def test_guard_error_is_a_runtime_error():
+    assert issubclass(tdd_fx.GuardError, RuntimeError)
+
+
+def test_literal_sizes_are_guarded():
+    model = Literal()
+    x = torch.randn(4, 10, 16)
+    opt = tdd_fx.optimize(model, (x,))
+    assert len(opt.tdd_report.rewritten) == 1
+    assert any("== 4" in g or "== 40" in g for g in opt.tdd_report.guards)
+    torch.testing.assert_close(opt(x), model(x))
+    other = torch.randn(2, 20, 16)
+    assert model(other).shape == (4, 10, 8)  # the original regroups rows
+    with pytest.raises(tdd_fx.GuardError, match="relied on"):
+        opt(other)
+
+
+def test_check_input_directly():
+    x = torch.zeros(2, 3, 4)
+    assert check_input(x, 3, (((0, 1), 6),), "x") is x
+    with pytest.raises(tdd_fx.GuardError, match=r"x\.shape\[0\]\*x\.shape\[1\] == 6, got 8"):
+        check_input(torch.zeros(2, 4, 4), 3, (((0, 1), 6),), "x")
+    with pytest.raises(tdd_fx.GuardError, match="'x' was optimized for 3-D"):
+        check_input(torch.zeros(2, 3), 3, (), "x")

@@ -52,20 +52,14 @@ def _check_against_reference(fn, shape, d, bias: bool) -> None:
         torch.testing.assert_close(g1, g2)
 
 
-LINEAR_BUG = ("BUG: KERNELS['linear'] (ops._linear_last) ignores its feature axis and applies "
-              "F.linear to the last axis, so time_distributed_dense(..., feature_dim=d, "
-              "impl='linear') with d not last raises or silently computes something else")
-
-
 def _off_last_axis_linear(impl: str, shape: tuple, d: int) -> bool:
     return impl == "linear" and d != len(shape) - 1
 
 
 def kernel_cases() -> list:
-    """Every kernel x layout, except 'linear' off the last axis (its own xfail test below)."""
+    """Every kernel x layout."""
     return [pytest.param(impl, shape, fd, d, id=f"{impl}-{'x'.join(map(str, shape))}-fd{fd}")
-            for impl in sorted(KERNELS) for shape, fd, d in LAYOUTS
-            if not _off_last_axis_linear(impl, shape, d)]
+            for impl in sorted(KERNELS) for shape, fd, d in LAYOUTS]
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])

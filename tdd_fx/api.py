@@ -170,6 +170,7 @@ class _Session:
                     site.status = "rejected"
             self.report.sites.extend(cand.sites)
         self.report.guards = guards
+        _kernels_in_graph(gm, self.report)
         if verdict is not None:
             self.report.verified = True
             self.report.max_error = verdict.max_error
@@ -226,6 +227,20 @@ class _Session:
         good = bisect(proved, [])
         check(good)
         return good, bad, last["v"]
+
+
+def _kernels_in_graph(gm: fx.GraphModule, report: Report) -> None:
+    """Report the kernel each rewritten site ended with (the peephole may change it)."""
+    from .ops import time_distributed_dense
+
+    used = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is time_distributed_dense and "tdd_site" in n.meta:
+            fd = n.kwargs.get("feature_dim", -1)
+            used[n.meta["tdd_site"]] = "linear" if fd == -1 else n.kwargs.get("impl", "linear")
+    for site in report.rewritten:
+        if site.node in used:
+            site.kernel = used[site.node]
 
 
 def optimize(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor | None = None

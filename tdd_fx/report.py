@@ -32,6 +32,8 @@ class Site:
     kernel: str = ""
     max_error: float | None = None
     guards: list[str] = field(default_factory=list)
+    #: name of the graph node the site was found at (the dense op, conv, einsum, ...)
+    node: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

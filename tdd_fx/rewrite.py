@@ -74,6 +74,7 @@ def emit_region(gm: fx.GraphModule, entry_name: str, spec: list[tuple[str, Role]
                 w, b = _dense_params(gm, op)
                 new = g.call_function(ops.time_distributed_dense, (cur, w, b),
                                       {"feature_dim": fd, "impl": kernel})
+                new.meta["tdd_site"] = op.name
             elif role.kind == "pointwise":
                 new = g.node_copy(op, lambda n, d=data_in, c=cur: c if n is d else n)
             elif op.op == "call_function":  # featurewise functional: re-express the axis

@@ -106,7 +106,7 @@ def _site(node: fx.Node, ctx: Context, status: str, reason: str, fd: int | None 
     t_in = ctx.shapes.tensor(node.args[0]) if ctx.shapes else None
     t_out = ctx.shapes.tensor(node) if ctx.shapes else None
     return Site(PATTERN, status, (module or node.name) + (f" ({source})" if source else ""),  # type: ignore[arg-type]
-                reason=reason, module=module, source=source,
+                reason=reason, module=module, source=source, node=node.name,
                 in_shape=None if t_in is None else tuple(t_in.shape),
                 out_shape=None if t_out is None else tuple(t_out.shape), feature_dim=fd,
                 kernel=kernel)
@@ -195,10 +195,12 @@ def _emit(gm: fx.GraphModule, name: str, spec: ConvSpec, fd: int, axis: int | No
         if axis is None:
             out = g.call_function(ops.time_distributed_dense, (x, w2, b),
                                   {"feature_dim": fd, "impl": kernel})
+            out.meta["tdd_site"] = name
         else:
             x = g.call_method("squeeze", (x, -(nd + 1)))
             y = g.call_function(ops.time_distributed_dense, (x, w2, b),
                                 {"feature_dim": fd, "impl": kernel})
+            y.meta["tdd_site"] = name
             if axis != -nd:
                 y = g.call_method("movedim", (y, axis, -nd))
             out = g.call_method("unsqueeze", (y, axis))

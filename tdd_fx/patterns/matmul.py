@@ -42,7 +42,7 @@ def _site(node: fx.Node, x: Any, ctx: Context, status: str, reason: str = "",
     t_in = ctx.shapes.tensor(x) if ctx.shapes else None
     t_out = ctx.shapes.tensor(node) if ctx.shapes else None
     return Site(PATTERN, status, (module or node.name) + (f" ({source})" if source else ""),  # type: ignore[arg-type]
-                reason=reason, module=module, source=source,
+                reason=reason, module=module, source=source, node=node.name,
                 in_shape=None if t_in is None else tuple(t_in.shape),
                 out_shape=None if t_out is None else tuple(t_out.shape), feature_dim=fd,
                 kernel=kernel)
@@ -209,6 +209,7 @@ def _emit(gm: fx.GraphModule, names: tuple[str, str | None], x: str, w: str, b: 
         new = g.call_function(ops.time_distributed_dense, (by_name[x], weight, bias),
                               {"feature_dim": fd, "impl": kernel})
     new.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
+    new.meta["tdd_site"] = names[0]
     last.replace_all_uses_with(new)
     dead, erased = [last, node], set()
     while dead:  # the product, and the free views (expand, ...) only it used

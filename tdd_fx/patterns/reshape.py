@@ -180,7 +180,7 @@ def _sites(chain: Chain, ctx: Context, status: str, reason: str, fd: int | None)
             shp_out = tuple(base)
         sites.append(Site(
             pattern=dense_pattern(node), status=status, where=where,  # type: ignore[arg-type]
-            reason=reason or role.blocked, module=module, source=source,
+            reason=reason or role.blocked, module=module, source=source, node=node.name,
             in_shape=shp_in, out_shape=shp_out, feature_dim=fd,
         ))
     return sites

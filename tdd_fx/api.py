@@ -100,6 +100,7 @@ class _Session:
             self.report.notes.append(NO_INPUTS)
         self.gm = gm
         ctx = Context(gm, shapes, _device(self.model, self.inputs))
+        ctx.loop_counts = {(g.placeholder, g.dims[0]) for g in self.trace_guards if g.releasable}
         for family in FAMILIES:
             found = family.find(ctx)
             for cand in found:
@@ -184,7 +185,10 @@ class _Session:
         assert self.gm is not None and self.inputs is not None
         fixed = set()
         names = [n for n in self.ranks]
-        for c in [*proved, Candidate("trace", [], guards=self.trace_guards)]:
+        released = set().union(*(c.releases for c in proved))
+        kept = [g for g in self.trace_guards
+                if not (g.releasable and (g.placeholder, g.dims[0]) in released)]
+        for c in [*proved, Candidate("trace", [], guards=kept)]:
             for g in c.guards:
                 if g.placeholder in names:
                     fixed.update((names.index(g.placeholder), d) for d in g.dims)

@@ -9,7 +9,7 @@ entry of the optimized graph by :func:`tdd_fx.ops.check_input`.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ class Guard:
     placeholder: str
     dims: tuple[int, ...]
     value: int
+    releasable: bool = field(default=False, compare=False)
 
     def __str__(self) -> str:
         return " * ".join(f"{self.placeholder}.shape[{d}]" for d in self.dims) + f" == {self.value}"
@@ -63,7 +64,11 @@ def _atoms_behind(n: fx.Node, shapes: ShapeAnalysis, seen: set[fx.Node]) -> list
 
 
 def facts_to_guards(facts: Iterable[Any], shapes: ShapeAnalysis) -> list[Guard]:
-    """Each fact pins the input dims it was computed from to their example values."""
+    """Each fact pins the input dims it was computed from to their example values.
+
+    Guards from loop counts (``range(x.size(1))``, iterating ``x.unbind(1)``) are marked
+    ``releasable``: a rewrite that re-rolls the loop makes them irrelevant.
+    """
     guards: list[Guard] = []
     for f in facts:
         n = f.node
@@ -87,9 +92,11 @@ def facts_to_guards(facts: Iterable[Any], shapes: ShapeAnalysis) -> list[Guard]:
             if not a.guardable:
                 raise UnguardableFact(f"control flow depends on {a} at {f.where or n.name}, "
                                       "which is not an input size")
-            g = Guard(a.owner, (a.dim,), a.value)
+            g = Guard(a.owner, (a.dim,), a.value, releasable=f.kind in ("int", "len"))
             if g not in guards:
                 guards.append(g)
+            elif not g.releasable:  # also needed by an `if`: never released
+                guards[guards.index(g)] = g
     return guards
 
 

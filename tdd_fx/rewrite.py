@@ -136,11 +136,16 @@ def apply(base: fx.GraphModule, candidates: list[Candidate], ranks: dict[str, in
     gm = fx.GraphModule(base, graph, class_name=type(base).__name__)
     graft_tree(gm, base)
     results: dict[int, str] = {}
-    guards: list[Guard] = list(trace_guards)
+    guards: list[Guard] = []
+    released: set[tuple[str, int]] = set()
     for i, cand in enumerate(candidates):
         assert cand.rewrite is not None
         results[i] = cand.rewrite(gm).name
         guards.extend(cand.guards)
+        released |= cand.releases
+    guards = [g for g in trace_guards
+              if not (g.releasable and len(g.dims) == 1
+                      and (g.placeholder, g.dims[0]) in released)] + guards
     if cleanup:
         gm.recompile()
         simplify(gm, inputs, erase_dead)

@@ -154,8 +154,8 @@ def verify(original: nn.Module, candidate: nn.Module, input_sets: Iterable[Seque
                 return Verdict(False, float("inf"), f"the original fails: {exc}")
             try:
                 c = run(candidate, inputs)
-            except GuardError:
-                raise
+            except GuardError:  # outside what the rewrite claims: the guard says so at run time
+                continue
             except Exception as exc:
                 return Verdict(False, float("inf"), f"the rewritten model fails: "
                                                     f"{type(exc).__name__}: {exc}")

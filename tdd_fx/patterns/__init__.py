@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import conv, matmul, reshape
+from . import conv, loop, matmul, reshape
 
 #: The families ``optimize``/``audit`` run, in order.
-FAMILIES: tuple[ModuleType, ...] = (reshape, conv, matmul)
+FAMILIES: tuple[ModuleType, ...] = (reshape, conv, matmul, loop)
 
 __all__ = ["FAMILIES"]

@@ -114,6 +114,20 @@ class Report:
         parts.extend(f"note: {n}" for n in self.notes)
         return "\n".join(parts)
 
+    def to_markdown(self) -> str:
+        """The report as GitHub markdown, for pasting into a review."""
+        parts = [f"**{self.summary()}**", ""]
+        if self.sites:
+            parts.append(self.table("github"))
+        else:
+            parts.append("_(no candidate sites)_")
+        if self.inputs:
+            parts += ["", f"Example inputs: `{self.inputs}`"]
+        if self.guards:
+            parts += ["", "Guards: " + ", ".join(f"`{g}`" for g in self.guards)]
+        parts += [f"- note: {n}" for n in self.notes]
+        return "\n".join(parts)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "mode": self.mode,

@@ -32,6 +32,8 @@ def preserved(modules: Iterable[nn.Module]) -> Iterator[None]:
     finally:
         with torch.no_grad():
             for b, saved in buffers:
+                if b.shape != saved.shape:  # observers resize their buffers on first use
+                    b.resize_(saved.shape)
                 b.copy_(saved)
         for m, saved_slots in slots:
             m._buffers.update(saved_slots)

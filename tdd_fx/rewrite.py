@@ -75,8 +75,12 @@ def emit_region(gm: fx.GraphModule, entry_name: str, spec: list[tuple[str, Role]
                 new = g.call_function(ops.time_distributed_dense, (cur, w, b),
                                       {"feature_dim": fd, "impl": kernel})
                 new.meta["tdd_site"] = op.name
-            elif role.kind == "pointwise":
+            elif role.kind == "pointwise" or (role.kind == "lastaxis" and fd == -1):
                 new = g.node_copy(op, lambda n, d=data_in, c=cur: c if n is d else n)
+            elif role.kind == "lastaxis":  # names the last axis: lay features last around it
+                moved = g.call_method("movedim", (cur, fd, -1))
+                y = g.node_copy(op, lambda n, d=data_in, c=moved: c if n is d else n)
+                new = g.call_method("movedim", (y, -1, fd))
             elif op.op == "call_function":  # featurewise functional: re-express the axis
                 args = (cur,) + tuple(op.args[1:])
                 kwargs = dict(op.kwargs)

@@ -376,7 +376,8 @@ class ShapeAnalysis(fx.Interpreter):
                 if isinstance(idx, slice):
                     return first[idx]
                 return None
-            if f is operator.add and isinstance(first, tuple) and isinstance(args[1], tuple):
+            if f is operator.add and isinstance(first, tuple) and isinstance(args[1], tuple) \
+                    and not isinstance(result, torch.Tensor):
                 return first + args[1]  # torch.Size concatenation
             if f is torch.addmm:
                 return (args[1][0], args[2][1])
@@ -420,6 +421,9 @@ class ShapeAnalysis(fx.Interpreter):
                 shapes = [a for a in args if isinstance(a, tuple)]
                 if all(s == shapes[0] for s in shapes) and shapes:
                     return shapes[0]
+                if len(shapes) == 2 and len(shapes[1]) == 1 and shapes[0] and \
+                        shapes[1][0] == shapes[0][-1]:
+                    return shapes[0]  # + a per-feature vector
             return None
         if n.op == "call_module":
             mod = self.module.get_submodule(n.target)

@@ -190,7 +190,7 @@ def alternative_inputs(model: nn.Module, example: Sequence[Any],
     if not ranks or max(ranks) < 1:
         return None
     r = max(ranks)
-    choices = [tuple(range(max(r - 1, 1))), (0, r - 1), (0,), tuple(range(1, r - 1))]
+    choices = [tuple(range(max(r - 1, 1))), (0, r - 1), (0,), tuple(range(1, r - 1)), (r - 1,)]
     tried: set[tuple[int, ...]] = set()
     for dims in choices:
         if not dims or dims in tried:

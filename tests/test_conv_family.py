@@ -193,10 +193,6 @@ def test_full_span_kernel_size_is_guarded() -> None:
 
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: verify.alternative_inputs never varies the last axis "
-                   "alone; for a 2-D input it tries dims (0,) and (0, 1), both change the channel "
-                   "axis of an unbatched (C, T) conv input, so the shape sweep is skipped although "
-                   "(C, T + k) is accepted by the model")
 def test_unbatched_conv_is_verified_at_another_time_size() -> None:
     model, x = _make("unbatched_conv1d")
     report = tdd_fx.optimize(model, (x,)).tdd_report
@@ -300,10 +296,6 @@ def test_user_subclass_keeps_its_own_forward() -> None:
     torch.testing.assert_close(opt(bigger), model(bigger))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: tdd_fx._state.preserved restores buffers with "
-                   "b.copy_(saved); a QAT observer resizes its min_val/max_val buffers in place "
-                   "on the first call (shape (0,) -> (O,)), so the restore raises and the model "
-                   "is reported as failing on its own example inputs")
 def test_fresh_qat_conv_is_rejected_not_crashing() -> None:
     from torch.ao.quantization import get_default_qat_qconfig
 

@@ -181,10 +181,6 @@ def test_gpt2_conv1d_addmm_is_rewritten() -> None:
     torch.testing.assert_close(opt(bigger), model(bigger))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (missed rewrite): a bias add inside a fold, "
-                   "(x.reshape(-1, F) @ W + b).view(B, -1, O), the addmm spelled with '+', is "
-                   "rejected as 'the rows stay folded ... (no unfold ...)': '+ b' has no role in "
-                   "patterns/roles.py, so the region ends before the unfold")
 def test_fold_matmul_plus_bias_is_rewritten() -> None:
     model = Hand(lambda s, x: (x.reshape(-1, FEAT) @ s.Wio + s.b).view(x.size(0), -1, OUT))
     _check_rewritten(model, _input(BTF))

@@ -121,7 +121,7 @@ def _branch(out: fx.Node, ctx: Context) -> Branch | str | None:
             body.reverse()
             return Branch(src, body)
         role = classify(cur, ctx)
-        if role is None or role.kind not in ("dense", "pointwise", "featurewise"):
+        if role is None or role.kind not in ("dense", "pointwise", "lastaxis", "featurewise"):
             return None
         if role.blocked:
             return role.blocked
@@ -317,7 +317,7 @@ def _emit(gm: fx.GraphModule, out_name: str, x_name: str, template: list[tuple[s
                 new = g.call_function(ops.time_distributed_dense, (cur, w, b),
                                       {"feature_dim": -1, "impl": "linear"})
                 new.meta["tdd_site"] = out_name
-            elif role.kind == "pointwise":
+            elif role.kind in ("pointwise", "lastaxis"):
                 new = g.node_copy(op, lambda n, d=data_in, c=cur: c if n is d else n)
             elif op.op == "call_function":
                 kwargs = dict(op.kwargs)

@@ -9,6 +9,9 @@ Roles:
 ``pointwise``    acts on each element (or, like ``LayerNorm(F)``, on each last-axis row) the same
                  way whatever the tensor's rank: it commutes with any reshape that keeps the last
                  axis.
+``lastaxis``     acts on each last-axis row the same way whatever the rank, but *names* the last
+                 axis (``LayerNorm(F)``, ``+ b`` with a 1-D constant ``b``): fine on the last axis,
+                 re-laid around a channel-first rewrite.
 ``featurewise``  acts on each last-axis row, but names its axis by index (``BatchNorm1d`` on a 2-D
                  input, ``Softmax(dim=1)``): it commutes with row reshapes only once its axis is
                  re-expressed, which the rewrite does.
@@ -147,10 +150,31 @@ def _featurewise_module(node: fx.Node, ctx: Context) -> str | None:
     return None if r == 2 else "no"
 
 
+def _layer_norm_fn(node: fx.Node, ctx: Context) -> str | None:
+    shape = node.kwargs.get("normalized_shape", node.args[1] if len(node.args) > 1 else None)
+    return None if isinstance(shape, (tuple, list)) and len(shape) == 1 else "no"
+
+
 def _softmax_fn(node: fx.Node, ctx: Context) -> str | None:
     r = _rank(node, ctx)
     dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
     return None if r is not None and isinstance(dim, int) and dim % r == r - 1 else "no"
+
+
+def _vector_arith(node: fx.Node, ctx: Context) -> str | None:
+    """``h + b`` / ``h * g`` with a 1-D constant: a per-feature map on the last axis."""
+    if len(node.args) != 2 or node.kwargs:
+        return "no"
+    a, b = node.args
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return "no"
+    if constant_base(a) is not None and node.target in (operator.add, operator.mul):
+        a, b = b, a  # b + h, g * h
+    if constant_base(b) is None or constant_base(a) is not None or _rank_of(b, ctx) != 1 \
+            or _rank_of(a, ctx) in (None, 0):
+        return "no"
+    sa, sb = ctx.shape(a), ctx.shape(b)
+    return None if sa and sb and sa[-1] == sb[0] else "no"
 
 
 def _scalar_arith(node: fx.Node, ctx: Context) -> str | None:
@@ -178,18 +202,21 @@ RULES: tuple[Rule, ...] = (
     Rule("call_function", {torch.mm, torch.matmul, operator.matmul}, "dense",
          _hand_dense),
     Rule("call_method", {"mm", "matmul"}, "dense", _hand_dense),
-    Rule("call_module", POINTWISE_MODULES + (nn.LayerNorm, nn.PReLU), "pointwise", _plain_module),
+    Rule("call_module", (nn.LayerNorm,), "lastaxis", _plain_module),
+    Rule("call_module", POINTWISE_MODULES + (nn.PReLU,), "pointwise", _plain_module),
     Rule("call_module", (nn.BatchNorm1d, nn.GroupNorm, nn.Softmax, nn.LogSoftmax), "featurewise",
          _featurewise_module),
     Rule("call_function", POINTWISE_FUNCTIONS, "pointwise"),
     Rule("call_function", {F.softmax, F.log_softmax}, "featurewise", _softmax_fn),
     Rule("call_function", SCALAR_ARITH, "pointwise", _scalar_arith),
+    Rule("call_function", SCALAR_ARITH, "lastaxis", _vector_arith),
+    Rule("call_function", {F.layer_norm}, "lastaxis", _layer_norm_fn),
     Rule("call_method", POINTWISE_METHODS, "pointwise"),
 )
 
 def classify(node: fx.Node, ctx: Context) -> Role | None:
     """The role of ``node`` (None: ends a region)."""
-    if not node.args or not isinstance(node.args[0], fx.Node):
+    if not node.args or not any(isinstance(a, fx.Node) for a in node.args[:2]):
         return None
     for rule in RULES:
         if rule.op != node.op:
@@ -203,8 +230,11 @@ def classify(node: fx.Node, ctx: Context) -> Role | None:
         if verdict and verdict.startswith("!"):
             return Role(rule.kind, blocked=verdict[1:])
         if verdict:
-            return None
+            continue  # this rule does not apply; a later one may
         if node.op == "call_function" and node.target is torch.addmm:
+            return Role(rule.kind, data=1)
+        if rule.kind == "lastaxis" and node.target in SCALAR_ARITH and \
+                constant_base(node.args[0]) is not None:
             return Role(rule.kind, data=1)
         return Role(rule.kind)
     return None

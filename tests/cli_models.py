@@ -1,0 +1,82 @@
+"""Tiny models for the command-line tests (``tests/test_cli.py``), addressed as ``cli_models:NAME``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FEAT, HIDDEN, OUT = 6, 5, 3
+
+
+class TimeDistributed(nn.Module):
+    """The Keras-port wrapper: fold the leading axes, apply ``module``, unfold."""
+
+    def __init__(self, module: nn.Linear) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.module(x.contiguous().view(-1, x.size(-1)))
+        return y.view(x.size(0), -1, self.module.out_features)
+
+
+class Wrapped(nn.Module):
+    """Two time-distributed dense sites, with an activation and dropout between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.td1 = TimeDistributed(nn.Linear(FEAT, HIDDEN))
+        self.act = nn.ReLU()
+        self.drop = nn.Dropout(0.5)
+        self.td2 = TimeDistributed(nn.Linear(HIDDEN, OUT))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.td2(self.drop(self.act(self.td1(x))))
+
+
+class NoSites(nn.Module):
+    """Pools over time before its only dense layer: nothing time-distributed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(FEAT, OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean(dim=1))
+
+
+class Tagged(nn.Module):
+    """A series ``(B, T, FEAT)`` plus integer tags ``(B, T)`` in [0, 10): two positional inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, FEAT)
+        self.td = TimeDistributed(nn.Linear(FEAT, OUT))
+
+    def forward(self, x: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
+        return self.td(x + self.embed(tags))
+
+
+class NeedsArgs(nn.Module):
+    """Cannot be built with no arguments."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(size, size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def make_wrapped() -> nn.Module:
+    """A factory: called with no arguments."""
+    return Wrapped()
+
+
+#: an instance, used as it is
+INSTANCE = Wrapped()
+
+
+def not_a_model() -> int:
+    """A factory that returns something other than a module."""
+    return 42

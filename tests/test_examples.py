@@ -1,0 +1,261 @@
+"""The bundled examples: each one's sites are rewritten or rejected as its docstring says, the
+optimized model computes the same outputs and gradients, and ``main()`` prints a report.
+
+The examples are loaded from their files (``examples/`` is not a package); sizes and timing
+repeats are module-level constants, shrunk here to keep the tests fast.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from conftest import assert_equivalent
+from torch import nn
+
+import tdd_fx
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_tdd_example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def line_of(module: ModuleType, text: str) -> str:
+    """``file.py:LINE`` of the one line of the example that contains ``text``."""
+    path = Path(module.__file__)
+    hits = [i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line]
+    assert len(hits) == 1, (text, hits)
+    return f"{path.name}:{hits[0]}"
+
+
+def site(report: tdd_fx.Report, pattern: str, *, module: str = "", at: str = "") -> tdd_fx.Site:
+    """The one site of ``pattern`` at a module path and/or a source line."""
+    found = [s for s in report.sites if s.pattern == pattern
+             and (not module or s.module == module) and (not at or s.source.endswith(at))]
+    assert len(found) == 1, f"{pattern} {module} {at}: {found}\n{report}"
+    return found[0]
+
+
+def rewritten_only_by(opt: nn.Module, report: tdd_fx.Report) -> None:
+    """Verified, and exactly the rewritten sites became canonical nodes."""
+    assert report.verified, str(report)
+    assert not report.rolled_back, str(report)
+    nodes = [n for gm in opt.modules() if isinstance(gm, torch.fx.GraphModule)
+             for n in gm.graph.nodes if n.target is tdd_fx.time_distributed_dense]
+    assert len(nodes) == len(report.rewritten)
+
+
+def same_tensors(model: nn.Module, opt: nn.Module) -> None:
+    assert {id(p) for p in opt.parameters()} == {id(p) for p in model.parameters()}
+    assert list(opt.state_dict()) == list(model.state_dict())
+
+
+def both_modes(opt: nn.Module, model: nn.Module, inputs: tuple, **tol) -> None:
+    for train in (True, False):
+        model.train(train)
+        opt.train(train)
+        assert_equivalent(opt, model, inputs, **tol)
+    model.train()
+    opt.train()
+
+
+# --------------------------------------------------------------------------------------------
+# forecaster.py: a Keras-port TimeDistributed wrapper around every dense layer
+
+
+@pytest.fixture(scope="module")
+def forecaster() -> ModuleType:
+    return load("forecaster")
+
+
+@pytest.fixture(scope="module")
+def forecaster_opt(forecaster: ModuleType) -> tuple[nn.Module, nn.Module, tuple]:
+    torch.manual_seed(0)
+    model = forecaster.Forecaster()
+    inputs = forecaster.example_inputs(batch=4, steps=12)
+    return model, tdd_fx.optimize(model, inputs), inputs
+
+
+def test_forecaster_sites(forecaster_opt: tuple) -> None:
+    model, opt, _ = forecaster_opt
+    report = opt.tdd_report
+    rewritten_only_by(opt, report)
+    expected = ["project.module", "head.module"] + [
+        f"{grn}.{fc}" for grn in ("grn_in", "grn_out") for fc in ("fc1.module", "fc2.module",
+                                                                   "gate.module.0")]
+    assert sorted(s.module for s in report.rewritten) == sorted(expected)
+    assert all(s.pattern == "reshape" for s in report.rewritten)
+    embed = site(report, "reshape", module="embed")
+    assert embed.status == "rejected" and "Embedding" in embed.reason
+    same_tensors(model, opt)
+
+
+def test_forecaster_equivalent(forecaster: ModuleType, forecaster_opt: tuple) -> None:
+    model, opt, inputs = forecaster_opt
+    both_modes(opt, model, inputs)
+    assert_equivalent(opt, model, forecaster.example_inputs(batch=3, steps=7))
+
+
+def test_forecaster_main(forecaster: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    forecaster.main()
+    out = capsys.readouterr().out
+    assert "== audit" in out and "== optimize" in out
+    assert "rewritten" in out and "verified" in out
+    assert "parameters shared with the original: True; same state_dict keys: True" in out
+
+
+def test_forecaster_runs_as_the_readme_says() -> None:
+    proc = subprocess.run([sys.executable, "examples/forecaster.py"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "rewritten" in proc.stdout and "verified" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# audio_tagger.py: spectrogram conv stem, temporal conv (near-miss), GRU, TimeDistributed heads
+
+
+@pytest.fixture(scope="module")
+def audio() -> ModuleType:
+    return load("audio_tagger")
+
+
+@pytest.fixture(scope="module")
+def audio_opt(audio: ModuleType) -> tuple[nn.Module, nn.Module, tuple]:
+    model = audio.build()
+    inputs = audio.example_inputs(batch=4, frames=50)
+    return model, tdd_fx.optimize(model, inputs), inputs
+
+
+def test_audio_sites(audio: ModuleType, audio_opt: tuple) -> None:
+    model, opt, _ = audio_opt
+    report = opt.tdd_report
+    rewritten_only_by(opt, report)
+    stem = site(report, "conv", module="stem")
+    assert stem.status == "rewritten", str(report)
+    assert stem.source.endswith(line_of(audio, "x = self.stem("))
+    assert stem.in_shape == (4, 1, audio.N_MELS, 50)
+    smooth = site(report, "conv", module="smooth")
+    assert smooth.status == "rejected"
+    assert "kernel 3" in smooth.reason and "neighbouring steps" in smooth.reason
+    for path in ("frame_head.module.0", "frame_head.module.3", "attention.module"):
+        assert site(report, "reshape", module=path).status == "rewritten", str(report)
+    assert len(report.rewritten) == 4
+    assert len(report.sites) == 5
+    same_tensors(model, opt)
+
+
+def test_audio_audit_agrees(audio: ModuleType, audio_opt: tuple) -> None:
+    model, opt, inputs = audio_opt
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = tdd_fx.audit(model, inputs)
+    assert {s.module for s in report.found} == {s.module for s in opt.tdd_report.rewritten}
+    assert [s.module for s in report.rejected] == ["smooth"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_audio_equivalent(audio: ModuleType, audio_opt: tuple) -> None:
+    model, opt, inputs = audio_opt
+    both_modes(opt, model, inputs)
+    # another batch and clip length: the proof holds for every size, only n_mels is guarded
+    assert_equivalent(opt, model, audio.example_inputs(batch=3, frames=37))
+    with pytest.raises(tdd_fx.GuardError):
+        opt(torch.randn(2, audio.N_MELS + 1, 20))
+
+
+def test_audio_main(audio: ModuleType, capsys: pytest.CaptureFixture[str],
+                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audio, "FRAMES", 40)
+    monkeypatch.setattr(audio, "BATCH", 2)
+    monkeypatch.setattr(audio, "TIMING_REPEATS", 1)
+    audio.main()
+    out = capsys.readouterr().out
+    assert "== audit" in out and "== optimize" in out
+    assert "rewritten" in out and "verified" in out and "mixes neighbouring steps" in out
+    assert "parameters shared with the original: True; same state_dict keys: True" in out
+    assert "input 2x64x40" in out
+    for label in ("original", "optimized", "speed-up"):
+        assert f"  {label}" in out
+
+
+# --------------------------------------------------------------------------------------------
+# video_frames.py: per-frame loop, a recurrence (near-miss), Transformer layer, tied ModuleList
+
+
+@pytest.fixture(scope="module")
+def video() -> ModuleType:
+    return load("video_frames")
+
+
+@pytest.fixture(scope="module")
+def video_opt(video: ModuleType) -> tuple[nn.Module, nn.Module, tuple]:
+    model = video.build()
+    inputs = video.example_inputs(batch=4)
+    return model, tdd_fx.optimize(model, inputs), inputs
+
+
+def test_video_sites(video: ModuleType, video_opt: tuple) -> None:
+    model, opt, _ = video_opt
+    report = opt.tdd_report
+    rewritten_only_by(opt, report)
+    proj = site(report, "loop", module="frame_proj.0")
+    assert proj.status == "rewritten", str(report)
+    assert proj.source.endswith(line_of(video, "self.frame_proj(frames[:, t])"))
+    assert proj.in_shape == (4, video.FRAMES, video.FEATURES)
+    assert proj.out_shape == (4, video.FRAMES, 128)
+    memory = site(report, "loop", at=line_of(video, "h = torch.tanh("))
+    assert memory.status == "rejected" and "recurrence" in memory.reason
+    # the loop count follows the input: no guard pins the clip length for the re-rolled loop
+    assert not any("shape[1]" in g for g in report.guards)
+    same_tensors(model, opt)
+
+
+@pytest.mark.xfail(reason="tdd_fx does not relate the size of nn.TransformerEncoderLayer's output "
+                          "(nor torch.stack's) to the input, so the fixed-count tied ModuleList "
+                          "loop after it is rejected as 'cannot be guarded'", strict=False)
+def test_video_tied_heads_rewritten(video_opt: tuple) -> None:
+    _, opt, _ = video_opt
+    heads = site(opt.tdd_report, "loop", module="frame_heads.0.0")
+    assert heads.status == "rewritten", heads.reason
+
+
+def test_video_tied_heads_left_alone_for_a_stated_reason(video_opt: tuple) -> None:
+    """Whatever the verdict on the tied heads, it is a loop site, and a rejection says why."""
+    _, opt, _ = video_opt
+    heads = site(opt.tdd_report, "loop", module="frame_heads.0.0")
+    assert heads.status == "rewritten" or (heads.status == "rejected" and heads.reason)
+
+
+def test_video_equivalent(video: ModuleType, video_opt: tuple) -> None:
+    model, opt, inputs = video_opt
+    both_modes(opt, model, inputs)
+    assert_equivalent(opt, model, video.example_inputs(batch=3))
+
+
+def test_video_main(video: ModuleType, capsys: pytest.CaptureFixture[str],
+                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(video, "FRAMES", 6)
+    monkeypatch.setattr(video, "BATCH", 2)
+    monkeypatch.setattr(video, "TIMING_REPEATS", 1)
+    video.main()
+    out = capsys.readouterr().out
+    assert "== audit" in out and "== optimize" in out
+    assert "rewritten" in out and "verified" in out and "recurrence" in out
+    assert "parameters shared with the original: True; same state_dict keys: True" in out
+    assert f"input 2x6x{video.FEATURES}" in out
+    for label in ("original", "optimized", "speed-up"):
+        assert f"  {label}" in out

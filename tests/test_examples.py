@@ -33,9 +33,10 @@ def load(name: str) -> ModuleType:
 
 
 def line_of(module: ModuleType, text: str) -> str:
-    """``file.py:LINE`` of the one line of the example that contains ``text``."""
+    """``file.py:LINE`` of the one line of the example's code that starts with ``text``."""
     path = Path(module.__file__)
-    hits = [i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line]
+    hits = [i for i, line in enumerate(path.read_text().splitlines(), 1)
+            if line.lstrip().startswith(text)]
     assert len(hits) == 1, (text, hits)
     return f"{path.name}:{hits[0]}"
 
@@ -146,7 +147,7 @@ def test_audio_sites(audio: ModuleType, audio_opt: tuple) -> None:
     rewritten_only_by(opt, report)
     stem = site(report, "conv", module="stem")
     assert stem.status == "rewritten", str(report)
-    assert stem.source.endswith(line_of(audio, "x = self.stem("))
+    assert stem.source.endswith(line_of(audio, "x = self.stem(spec"))
     assert stem.in_shape == (4, 1, audio.N_MELS, 50)
     smooth = site(report, "conv", module="smooth")
     assert smooth.status == "rejected"
@@ -214,7 +215,7 @@ def test_video_sites(video: ModuleType, video_opt: tuple) -> None:
     rewritten_only_by(opt, report)
     proj = site(report, "loop", module="frame_proj.0")
     assert proj.status == "rewritten", str(report)
-    assert proj.source.endswith(line_of(video, "self.frame_proj(frames[:, t])"))
+    assert proj.source.endswith(line_of(video, "x = torch.stack([self.frame_proj("))
     assert proj.in_shape == (4, video.FRAMES, video.FEATURES)
     assert proj.out_shape == (4, video.FRAMES, 128)
     memory = site(report, "loop", at=line_of(video, "h = torch.tanh("))

@@ -13,12 +13,11 @@ from . import rewrite as rw
 from ._state import preserved
 from .capture import CaptureError, capture, copy_module_tree, example_summary
 from .guards import Guard, UnguardableFact, facts_to_guards
-from .ops import GuardError
 from .patterns import FAMILIES
 from .patterns.base import Candidate, Context
 from .report import Report
 from .shapes import ShapeAnalysis
-from .verify import Verdict, alternative_inputs, fp64_reference, site_errors, verify
+from .verify import Verdict, alternative_inputs, fp64_reference, reference, site_errors, verify
 
 __all__ = ["audit", "optimize"]
 
@@ -100,7 +99,7 @@ class _Session:
             self.report.notes.append(NO_INPUTS)
         self.gm = gm
         ctx = Context(gm, shapes, _device(self.model, self.inputs))
-        ctx.loop_counts = {(g.placeholder, g.dims[0]) for g in self.trace_guards if g.releasable}
+        ctx.loop_counts = {g.fact for g in self.trace_guards if g.releasable}
         for family in FAMILIES:
             found = family.find(ctx)
             for cand in found:
@@ -158,11 +157,12 @@ class _Session:
                 errors = site_errors(self.gm, raw, pairs, self.inputs)
             except Exception:
                 errors = {}
+        position = {id(c): i for i, c in enumerate(good)}
         for cand in self.candidates:
             for site in cand.sites:
-                if cand in good:
+                if id(cand) in position:
                     site.status = "rewritten"
-                    site.max_error = errors.get(good.index(cand))
+                    site.max_error = errors.get(position[id(cand)])
                 elif id(cand) in bad:
                     site.status = "rolled_back"
                     site.reason = bad[id(cand)]
@@ -186,8 +186,7 @@ class _Session:
         fixed = set()
         names = [n for n in self.ranks]
         released = set().union(*(c.releases for c in proved))
-        kept = [g for g in self.trace_guards
-                if not (g.releasable and (g.placeholder, g.dims[0]) in released)]
+        kept = [g for g in self.trace_guards if not (g.releasable and g.fact in released)]
         for c in [*proved, Candidate("trace", [], guards=kept)]:
             for g in c.guards:
                 if g.placeholder in names:
@@ -201,14 +200,13 @@ class _Session:
         if ref64 is None:
             self.report.notes.append("the model could not be copied to float64: verified "
                                      "against the original only")
+        ref = reference(self.model, sets, ref64)
         last: dict[str, Verdict] = {}
 
         def check(cands: list[Candidate]) -> bool:
             try:
                 gm, _, _ = rw.apply(self.gm, cands, self.ranks, self.trace_guards, self.inputs)
-                v = verify(self.model, gm, sets, ref64)
-            except GuardError as exc:
-                v = Verdict(False, float("inf"), f"a guard rejects the verification inputs: {exc}")
+                v = verify(self.model, gm, sets, ref64, ref)
             except Exception as exc:  # a rewrite that cannot even be built is rolled back
                 v = Verdict(False, float("inf"), f"rewrite failed: {type(exc).__name__}: {exc}")
             last["v"] = v
@@ -226,10 +224,13 @@ class _Session:
             left = bisect(cands[:mid], accepted)
             return left + bisect(cands[mid:], accepted + left)
 
-        if not check([]):
+        if proved and check(proved):  # the common case: everything verifies at once
+            return proved, bad, last["v"]
+        if not check([]):  # the capture itself does not reproduce the model
             return None, {}, last["v"]
         good = bisect(proved, [])
-        check(good)
+        if good != proved:
+            check(good)
         return good, bad, last["v"]
 
 

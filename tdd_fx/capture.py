@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import re
+import sys
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +39,10 @@ _HOOK_DICTS = (
     "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
     "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
 )
+
+
+#: node meta a rewrite carries from the replaced node to its replacement (where it came from)
+META_KEYS = ("stack_trace", "nn_module_stack", "tdd_source")
 
 
 class CaptureError(RuntimeError):
@@ -70,7 +76,12 @@ class TddTracer(fx.Tracer):
 
     def __init__(self) -> None:
         super().__init__()
-        self.record_stack_traces = True
+        self.record_stack_traces = False  # a full traceback per node is slow; we keep one line
+
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        node.meta["tdd_source"] = caller_location()
+        return node
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, ops.TimeDistributed):
@@ -181,9 +192,7 @@ class ShapeAwareTracer(TddTracer):
         return None
 
     def _fact(self, p: fx.Proxy, kind: str, value: Any) -> None:
-        self.facts.append(Fact(p.node, kind, value,
-                               user_location("".join(traceback.format_stack()))
-                               or node_location(p.node)))
+        self.facts.append(Fact(p.node, kind, value, caller_location() or node_location(p.node)))
 
     def concrete_len(self, p: fx.Proxy) -> int:
         v = self.values[p.node]
@@ -206,6 +215,17 @@ class ShapeAwareTracer(TddTracer):
         return iter([obj[i] for i in range(n)])
 
 
+def caller_location() -> str:
+    """``file.py:LINE`` of the innermost frame of user code on the current stack."""
+    f = sys._getframe(1)
+    while f is not None:
+        name = f.f_code.co_filename
+        if not (name.startswith(_TORCH_DIR) or name.startswith(_PKG_DIR) or name.startswith("<")):
+            return f"{_short_path(name)}:{f.f_lineno}"
+        f = f.f_back  # type: ignore[assignment]
+    return ""
+
+
 def user_location(text: str | None) -> str:
     """``file.py:LINE`` of the innermost frame of user code in a stack trace text."""
     if not text:
@@ -218,6 +238,7 @@ def user_location(text: str | None) -> str:
     return found
 
 
+@functools.lru_cache(maxsize=1024)
 def _short_path(path: str) -> str:
     try:
         rel = os.path.relpath(path)
@@ -230,7 +251,7 @@ def _short_path(path: str) -> str:
 
 
 def node_location(node: fx.Node) -> str:
-    return user_location(node.meta.get("stack_trace"))
+    return node.meta.get("tdd_source") or user_location(node.meta.get("stack_trace"))
 
 
 def node_module_path(node: fx.Node) -> str:

@@ -31,6 +31,8 @@ class Guard:
     dims: tuple[int, ...]
     value: int
     releasable: bool = field(default=False, compare=False)
+    #: the traced node whose value Python decided on (for guards that come from the trace)
+    fact: str = field(default="", compare=False)
 
     def __str__(self) -> str:
         return " * ".join(f"{self.placeholder}.shape[{d}]" for d in self.dims) + f" == {self.value}"
@@ -92,11 +94,10 @@ def facts_to_guards(facts: Iterable[Any], shapes: ShapeAnalysis) -> list[Guard]:
             if not a.guardable:
                 raise UnguardableFact(f"control flow depends on {a} at {f.where or n.name}, "
                                       "which is not an input size")
-            g = Guard(a.owner, (a.dim,), a.value, releasable=f.kind in ("int", "len"))
-            if g not in guards:
+            g = Guard(a.owner, (a.dim,), a.value, releasable=f.kind in ("int", "len"),
+                      fact=n.name)
+            if g.releasable or g not in guards:  # each loop count separately: each may go
                 guards.append(g)
-            elif not g.releasable:  # also needed by an `if`: never released
-                guards[guards.index(g)] = g
     return guards
 
 

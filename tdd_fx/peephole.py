@@ -151,11 +151,15 @@ def simplify(gm: fx.GraphModule, inputs: tuple[Any, ...] | None = None,
     changed = True
     while changed:
         changed = False
+        gone: set[fx.Node] = set()
         for z in list(gm.graph.nodes):
+            if z in gone or z.graph is not gm.graph or not z.users and z.op != "output":
+                continue
             if shapes is not None and _sink_permute(gm, z, shapes):
                 removed += 1
                 changed = True
-                break
+                gone.add(z)
+                continue
             kind = _category(z)
             if kind not in ("reshape", "permute"):
                 continue
@@ -166,6 +170,7 @@ def simplify(gm: fx.GraphModule, inputs: tuple[Any, ...] | None = None,
                     z.replace_all_uses_with(src)
                     if erase is not None:
                         erase(run[::-1], gm.graph)
+                    gone.update(run)
                     removed += 1
                     changed = True
                     break
@@ -174,7 +179,5 @@ def simplify(gm: fx.GraphModule, inputs: tuple[Any, ...] | None = None,
                     break
                 run.insert(0, src)
                 src = src.args[0]
-            if changed:
-                break
     return removed
 

@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from . import ops
-from .capture import graft_tree
+from .capture import META_KEYS, graft_tree
 from .guards import Guard, insert_guards
 from .patterns.roles import Role, is_metadata
 from .peephole import simplify
@@ -27,11 +27,12 @@ if TYPE_CHECKING:
     from .patterns.base import Candidate
 
 
-def _node(gm: fx.GraphModule, name: str) -> fx.Node:
-    for n in gm.graph.nodes:
-        if n.name == name:
-            return n
-    raise KeyError(name)
+def node_named(gm: fx.GraphModule, name: str) -> fx.Node:
+    """The node called ``name`` (names survive the graph copy); indexed once per rewrite pass."""
+    index = gm.__dict__.get("_tdd_nodes")
+    if index is None or name not in index or index[name].graph is not gm.graph:
+        index = gm.__dict__["_tdd_nodes"] = {n.name: n for n in gm.graph.nodes}
+    return index[name]
 
 
 def _dense_params(gm: fx.GraphModule, op: fx.Node) -> tuple[fx.Node, fx.Node | None]:
@@ -61,8 +62,8 @@ def emit_region(gm: fx.GraphModule, entry_name: str, spec: list[tuple[str, Role]
     re-expressed (functional ``dim=``) or a local fold (modules such as ``BatchNorm1d``).
     """
     g = gm.graph
-    entry = _node(gm, entry_name)
-    region = [(_node(gm, name), role) for name, role in spec]
+    entry = node_named(gm, entry_name)
+    region = [(node_named(gm, name), role) for name, role in spec]
     last = region[-1][0]
     cur = entry
     with g.inserting_before(last):
@@ -102,7 +103,7 @@ def emit_region(gm: fx.GraphModule, entry_name: str, spec: list[tuple[str, Role]
                 if fd != -1:
                     new = g.call_method("movedim", (new, -1, fd))
             new.meta.update({k: v for k, v in op.meta.items()
-                             if k in ("stack_trace", "nn_module_stack")})
+                             if k in META_KEYS})
             cur = new
     last.replace_all_uses_with(cur)
     erase_dead([op for op, _ in reversed(region)], g)
@@ -141,15 +142,15 @@ def apply(base: fx.GraphModule, candidates: list[Candidate], ranks: dict[str, in
     graft_tree(gm, base)
     results: dict[int, str] = {}
     guards: list[Guard] = []
-    released: set[tuple[str, int]] = set()
+    released: set[str] = set()
+    gm.__dict__["_tdd_nodes"] = {n.name: n for n in gm.graph.nodes}
     for i, cand in enumerate(candidates):
         assert cand.rewrite is not None
         results[i] = cand.rewrite(gm).name
         guards.extend(cand.guards)
         released |= cand.releases
-    guards = [g for g in trace_guards
-              if not (g.releasable and len(g.dims) == 1
-                      and (g.placeholder, g.dims[0]) in released)] + guards
+    guards = [g for g in trace_guards if not (g.releasable and g.fact in released)] + guards
+    del gm.__dict__["_tdd_nodes"]
     if cleanup:
         gm.recompile()
         simplify(gm, inputs, erase_dead)

@@ -229,6 +229,41 @@ def _einsum(eq: Any, operands: Any) -> SymShape | None:
     return tuple(sizes[ch] for ch in out)
 
 
+def _index(src: SymShape, idx: Any) -> SymShape | None:
+    """Shape of ``x[idx]`` for ints, full slices, one-step slices and None (no tensors)."""
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    if sum(1 for i in items if i is Ellipsis) > 1:
+        return None
+    if Ellipsis in items:
+        k = items.index(Ellipsis)
+        fill = len(src) - (len(items) - 1 - items.count(None))
+        items = items[:k] + [slice(None)] * fill + items[k + 1:]
+    out: list[Sym] = []
+    d = 0
+    for i in items:
+        if i is None:
+            out.append(Sym.lit(1))
+            continue
+        if d >= len(src):
+            return None
+        if isinstance(i, bool) or not isinstance(i, (int, slice)):
+            return None
+        if isinstance(i, int):
+            d += 1
+            continue
+        if i == slice(None):
+            out.append(src[d])
+        elif isinstance(i.start, int) and i.stop == i.start + 1 and i.step in (None, 1) \
+                and i.start >= 0:
+            out.append(Sym.lit(1))
+        elif src[d].is_literal:
+            out.append(Sym.lit(len(range(src[d].coef)[i])))
+        else:
+            return None
+        d += 1
+    return tuple(out) + tuple(src[d:])
+
+
 def _unsqueeze(src: SymShape, d: int) -> SymShape:
     d = _norm_dim(d, len(src) + 1)
     return src[:d] + (Sym.lit(1),) + src[d:]
@@ -301,6 +336,77 @@ class ShapeAnalysis(fx.Interpreter):
         self.assumed[n] = inherited | (frozenset(self._assume) if checked is sym else frozenset())
         return result
 
+    def _stacked(self, n: fx.Node, new_axis: bool) -> SymShape | None:
+        """``stack``/``cat`` of equal pieces.  When the pieces are the steps of a loop over
+        ``x``'s axis ``a`` (``x[:, t]``, ``x.unbind(a)``, ...), the new size is ``x.shape[a]``
+        itself, not the literal count, so later code keeps following the input's size."""
+        items = n.args[0]
+        if not isinstance(items, (list, tuple)) or not items:
+            return None
+        shapes = [self.sym.get(i) if isinstance(i, fx.Node) else None for i in items]
+        if any(not isinstance(sh, tuple) for sh in shapes) or len({len(sh) for sh in shapes}) != 1:
+            return None
+        rank = len(shapes[0]) + (1 if new_axis else 0)
+        d = _norm_dim(n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0), rank)
+        count = self._loop_count(items) or Sym.lit(len(items))
+        if new_axis:
+            if any(sh != shapes[0] for sh in shapes):
+                return None
+            return shapes[0][:d] + (count,) + shapes[0][d:]
+        rest = [sh[:d] + sh[d + 1:] for sh in shapes]
+        if any(r != rest[0] for r in rest):
+            return None
+        along = [sh[d] for sh in shapes]
+        if all(x == Sym.lit(1) for x in along):
+            total = count
+        elif all(x.is_literal for x in along):
+            total = Sym.lit(sum(x.coef for x in along))
+        else:
+            return None
+        return shapes[0][:d] + (total,) + shapes[0][d + 1:]
+
+    def _loop_count(self, items: Any) -> Sym | None:
+        """``x.shape[a]`` when the items are computed from steps 0..n-1 of ``x`` along ``a``."""
+        found = []
+        for k, item in enumerate(items):
+            cur, hit = item, None
+            for _ in range(32):
+                if not isinstance(cur, fx.Node) or not cur.args:
+                    break
+                if cur.op == "call_function" and cur.target is operator.getitem and \
+                        isinstance(cur.args[0], fx.Node):
+                    src, idx = cur.args
+                    if isinstance(idx, int) and getattr(src.target, "__name__", src.target) in (
+                            "unbind", "split", "chunk"):
+                        a = src.kwargs.get("dim", src.args[-1] if len(src.args) > 1 else 0)
+                        if getattr(src.target, "__name__", src.target) != "unbind":
+                            a = src.kwargs.get("dim", src.args[2] if len(src.args) > 2 else 0)
+                        hit = (src.args[0], a, idx)
+                        break
+                    items_ = idx if isinstance(idx, tuple) else (idx,)
+                    picked = [(j, i) for j, i in enumerate(items_) if i != slice(None)]
+                    if len(picked) == 1:
+                        j, i = picked[0]
+                        if isinstance(i, int):
+                            hit = (src, j, i)
+                        elif isinstance(i, slice) and isinstance(i.start, int) and \
+                                i.stop == i.start + 1:
+                            hit = (src, j, i.start)
+                    break
+                cur = cur.args[0] if isinstance(cur.args[0], fx.Node) else (
+                    cur.args[1] if len(cur.args) > 1 else None)
+            if hit is None or hit[2] != k:
+                return None
+            found.append(hit[:2])
+        if len(set(found)) != 1:
+            return None
+        src, a = found[0]
+        shape = self.sym.get(src)
+        if not isinstance(shape, tuple) or not isinstance(a, int) or not -len(shape) <= a < len(shape):
+            return None
+        count = shape[a]
+        return count if count.value == len(items) else None
+
     def _arg(self, a: Any) -> Any:
         if isinstance(a, fx.Node):
             return self.sym.get(a)
@@ -369,6 +475,8 @@ class ShapeAnalysis(fx.Interpreter):
                 return first
             if f is getattr and args[1] == "ndim":
                 return Sym.lit(len(first))
+            if f is operator.getitem and isinstance(self.values.get(n.args[0]), torch.Tensor):
+                return _index(first, n.args[1])
             if f is operator.getitem and isinstance(first, tuple) and isinstance(n.args[0], fx.Node):
                 idx = n.args[1]
                 if isinstance(idx, int) and all(isinstance(s, Sym) for s in first):
@@ -387,6 +495,8 @@ class ShapeAnalysis(fx.Interpreter):
                 return _matmul(args[1], args[2])
             if f is torch.einsum:
                 return _einsum(n.args[0], args[1:])
+            if f in (torch.stack, torch.cat, torch.concat):
+                return self._stacked(n, f is torch.stack)
             if f is operator.mul and isinstance(first, Sym) and isinstance(args[1], Sym):
                 return first * args[1]
             if f is operator.floordiv and isinstance(first, Sym) and isinstance(args[1], Sym):

@@ -132,26 +132,61 @@ def _is_zero(t: Tensor | None) -> bool:
     return t is not None and not bool(t.count_nonzero())
 
 
-def verify(original: nn.Module, candidate: nn.Module, input_sets: Iterable[Sequence[Any]],
-           ref64: nn.Module | None) -> Verdict:
-    """Compare ``candidate`` with ``original`` on every input set, in the model's mode, and on the
-    first input set in the other mode too (``train()``/``eval()`` must behave as before)."""
+@dataclass
+class Reference:
+    """The original's (and its float64 copy's) outputs and gradients, computed once per plan
+    entry and reused for every candidate that bisection tries."""
+
+    mode: bool
+    plan: list[tuple[bool, Sequence[Any]]]
+    orig: list[dict[str, Tensor | None] | None]
+    ref64: list[dict[str, Tensor | None] | None]
+    failure: str = ""
+
+
+def reference(original: nn.Module, input_sets: Iterable[Sequence[Any]],
+              ref64: nn.Module | None) -> Reference:
+    """Run the original on every input set in its mode, and on the first in the other mode."""
     sets = list(input_sets)
     mode = original.training
-    worst, checked, frac = 0.0, 0, 0.0
     plan = [(mode, s) for s in sets] + ([(not mode, sets[0])] if sets else [])
-    models = [m for m in (original, candidate, ref64) if m is not None]
+    ref = Reference(mode, plan, [], [])
+    models = [m for m in (original, ref64) if m is not None]
     with preserved(models):
         for training, inputs in plan:
             if training != mode:  # the other mode, as opt.train()/opt.eval() would set it
                 for m in models:
                     m.train(training)
             try:
-                o = run(original, inputs)
+                ref.orig.append(run(original, inputs))
             except Exception as exc:  # the original itself fails here: nothing to compare
-                if training != mode:
-                    continue
-                return Verdict(False, float("inf"), f"the original fails: {exc}")
+                ref.orig.append(None)
+                if training == mode and not ref.failure:
+                    ref.failure = f"the original fails: {exc}"
+            r = None
+            if ref64 is not None:
+                try:
+                    r = run(ref64, inputs, to64=True)
+                except Exception:
+                    r = None
+            ref.ref64.append(r)
+    return ref
+
+
+def verify(original: nn.Module, candidate: nn.Module, input_sets: Iterable[Sequence[Any]],
+           ref64: nn.Module | None, ref: Reference | None = None) -> Verdict:
+    """Compare ``candidate`` with ``original`` on every input set, in the model's mode, and on the
+    first input set in the other mode too (``train()``/``eval()`` must behave as before)."""
+    ref = ref if ref is not None else reference(original, input_sets, ref64)
+    if ref.failure:
+        return Verdict(False, float("inf"), ref.failure)
+    worst, checked, frac = 0.0, 0, 0.0
+    with preserved([candidate]):
+        for (training, inputs), o, r in zip(ref.plan, ref.orig, ref.ref64):
+            if o is None:
+                continue
+            if training != ref.mode:
+                candidate.train(training)
             try:
                 c = run(candidate, inputs)
             except GuardError:  # outside what the rewrite claims: the guard says so at run time
@@ -159,12 +194,6 @@ def verify(original: nn.Module, candidate: nn.Module, input_sets: Iterable[Seque
             except Exception as exc:
                 return Verdict(False, float("inf"), f"the rewritten model fails: "
                                                     f"{type(exc).__name__}: {exc}")
-            r = None
-            if ref64 is not None:
-                try:
-                    r = run(ref64, inputs, to64=True)
-                except Exception:
-                    r = None
             v = compare(o, c, r)
             tag = f"({'train' if training else 'eval'} mode, inputs {_shapes(inputs)})"
             if not v.ok:

@@ -29,8 +29,8 @@ class Context:
     device: torch.device
     #: nodes an earlier family already made a candidate of
     claimed: set[str] = field(default_factory=set)
-    #: input dims the trace pinned only by loop counts (``range(x.size(1))``, ``x.unbind(1)``)
-    loop_counts: set[tuple[str, int]] = field(default_factory=set)
+    #: traced nodes whose value fixed a loop count (``range(x.size(1))``, ``x.unbind(1)``)
+    loop_counts: set[str] = field(default_factory=set)
 
     def shape(self, node: Any) -> SymShape | None:
         return None if self.shapes is None else self.shapes.shape(node)
@@ -74,9 +74,9 @@ class Candidate:
     nodes: list[str] = field(default_factory=list)
     #: name of the node (in the captured graph) whose value the rewrite's result replaces
     output: str = ""
-    #: input dims (placeholder, dim) whose trace guards this rewrite makes irrelevant (a loop over
-    #: ``range(x.size(1))`` that became one node no longer pins ``x.shape[1]``)
-    releases: set[tuple[str, int]] = field(default_factory=set)
+    #: trace facts (node names) this rewrite makes irrelevant: a loop over ``range(x.size(1))``
+    #: that became one node no longer pins ``x.shape[1]``
+    releases: set[str] = field(default_factory=set)
 
     @property
     def proved(self) -> bool:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..capture import node_location, node_module_path
+from ..capture import META_KEYS, node_location, node_module_path
 from ..report import Site
 from ..shapes import Sym
 from .base import Candidate, Context
@@ -180,8 +180,10 @@ def prove(node: fx.Node, spec: ConvSpec, ctx: Context) -> Candidate:
 
 def _emit(gm: fx.GraphModule, name: str, spec: ConvSpec, fd: int, axis: int | None,
           kernel: str) -> fx.Node:
+    from ..rewrite import node_named
+
     g = gm.graph
-    node = next(n for n in g.nodes if n.name == name)
+    node = node_named(gm, name)
     nd = spec.nd
     with g.inserting_before(node):
         if node.op == "call_module":
@@ -205,7 +207,7 @@ def _emit(gm: fx.GraphModule, name: str, spec: ConvSpec, fd: int, axis: int | No
                 y = g.call_method("movedim", (y, axis, -nd))
             out = g.call_method("unsqueeze", (y, axis))
     for n in (w2, out):
-        n.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
+        n.meta.update({k: v for k, v in node.meta.items() if k in META_KEYS})
     node.replace_all_uses_with(out)
     g.erase_node(node)
     return out

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..capture import node_location, node_module_path
+from ..capture import META_KEYS, node_location, node_module_path
 from ..report import Site
 from ..shapes import Sym
 from .base import Candidate, Context
@@ -287,30 +287,41 @@ def prove(node: fx.Node, ctx: Context) -> Candidate | None:
 
     # a count read from the input (range(x.size(a)), x.unbind(a)) follows the input: the guard
     # the trace put on it is released; a fixed count (range(6)) stays a guard
-    steps_sym = shape[a]
-    atoms = {(atom.owner, atom.dim) for atom in steps_sym.atoms}
+    mine = _count_nodes(x, a, rank, helper) & ctx.loop_counts
     guards: list = []
-    if not (steps_sym.coef == 1 and len(atoms) == 1 and atoms <= ctx.loop_counts):
-        if not ctx.same_size(steps_sym, Sym.lit(len(bs)), guards):
-            return reject(f"the loop runs a fixed {len(bs)} steps over an axis whose size "
-                          "cannot be guarded")
-        atoms = set()
+    if not mine and not ctx.same_size(shape[a], Sym.lit(len(bs)), guards):
+        return reject(f"the loop runs a fixed {len(bs)} steps over an axis whose size "
+                      "cannot be guarded")
     site.guards = [str(g) for g in guards]
     return Candidate(PATTERN, [site], rewrite=rewrite, nodes=nodes, output=node.name,
-                     guards=guards, releases=atoms)
+                     guards=guards, releases=mine)
+
+
+def _count_nodes(x: fx.Node, a: int, rank: int, helper: fx.Node | None) -> set[str]:
+    """Nodes whose value could have set this loop's count: ``x.size(a)``, ``x.shape[a]``, and the
+    ``unbind``/``split`` the loop iterated."""
+    out = {helper.name} if helper is not None else set()
+    for u in x.users:
+        if u.op == "call_method" and u.target == "size" and len(u.args) > 1:
+            if isinstance(u.args[1], int) and u.args[1] in (a, a - rank):
+                out.add(u.name)
+        elif (u.op == "call_method" and u.target == "size" and len(u.args) == 1) or (
+                u.op == "call_function" and u.target is getattr and u.args[1] == "shape"):
+            out.update(g.name for g in u.users
+                       if g.target is operator.getitem and g.args[1] in (a, a - rank))
+    return out
 
 
 def _emit(gm: fx.GraphModule, out_name: str, x_name: str, template: list[tuple[str, Role]],
           move: tuple[int, int]) -> fx.Node:
-    from ..rewrite import _dense_params, erase_dead
+    from ..rewrite import _dense_params, erase_dead, node_named
 
     g = gm.graph
-    by_name = {n.name: n for n in g.nodes}
-    out = by_name[out_name]
-    cur = by_name[x_name]
+    out = node_named(gm, out_name)
+    cur = node_named(gm, x_name)
     with g.inserting_before(out):
         for name, role in template:
-            op = by_name[name]
+            op = node_named(gm, name)
             data_in = op.args[role.data]
             if role.kind == "dense":
                 w, b = _dense_params(gm, op)
@@ -332,22 +343,24 @@ def _emit(gm: fx.GraphModule, out_name: str, x_name: str, template: list[tuple[s
                 y = g.call_module(str(op.target), (rows,) + tuple(op.args[1:]), dict(op.kwargs))
                 new = g.call_method("view_as", (y, cur))
             new.meta.update({k: v for k, v in op.meta.items()
-                             if k in ("stack_trace", "nn_module_stack")})
+                             if k in META_KEYS})
             cur = new
         if move[0] != move[1]:
             cur = g.call_method("movedim", (cur, move[0], move[1]))
-    branch_nodes = [n for n in out.all_input_nodes]
     out.replace_all_uses_with(cur)
-    erase_dead([out, *branch_nodes], g)
-    # whatever fed only the steps (getitems, unbind/split, the step bodies) is dead now
-    changed = True
-    while changed:
-        changed = False
-        for n in reversed(list(g.nodes)):
-            if not n.users and n.op in ("call_method", "call_function", "call_module") and \
-                    n.target not in (ops.check_input,) and _pure(n, gm):
-                g.erase_node(n)
-                changed = True
+    # the stack and whatever fed only the steps (getitems, unbind/split, the bodies) is dead now
+    work, erased = [out], set()
+    while work:
+        n = work.pop()
+        if n in erased or n.users or n.op not in ("call_method", "call_function", "call_module"):
+            continue
+        if n is not out and not _pure(n, gm):
+            continue
+        inputs = list(n.all_input_nodes)
+        g.erase_node(n)
+        erased.add(n)
+        work.extend(inputs)
+    del erase_dead
     return cur
 
 

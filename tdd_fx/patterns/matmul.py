@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from .. import ops
-from ..capture import node_location, node_module_path
+from ..capture import META_KEYS, node_location, node_module_path
 from ..report import Site
 from .base import Candidate, Context
 from .roles import constant_base
@@ -195,20 +195,21 @@ def prove(node: fx.Node, ctx: Context) -> Candidate | None:
 
 def _emit(gm: fx.GraphModule, names: tuple[str, str | None], x: str, w: str, b: str | None,
           w_in_out: bool, fd: int, kernel: str) -> fx.Node:
+    from ..rewrite import node_named
+
     g = gm.graph
-    by_name = {n.name: n for n in g.nodes}
-    node = by_name[names[0]]
-    last = by_name[names[1]] if names[1] else node
+    node = node_named(gm, names[0])
+    last = node_named(gm, names[1]) if names[1] else node
     with g.inserting_before(last):
-        weight = by_name[w]
+        weight = node_named(gm, w)
         if w_in_out:
             weight = g.call_method("t", (weight,))
         bias = None
         if b is not None:
-            bias = g.call_method("reshape", (by_name[b], -1))
-        new = g.call_function(ops.time_distributed_dense, (by_name[x], weight, bias),
+            bias = g.call_method("reshape", (node_named(gm, b), -1))
+        new = g.call_function(ops.time_distributed_dense, (node_named(gm, x), weight, bias),
                               {"feature_dim": fd, "impl": kernel})
-    new.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
+    new.meta.update({k: v for k, v in node.meta.items() if k in META_KEYS})
     new.meta["tdd_site"] = names[0]
     last.replace_all_uses_with(new)
     dead, erased = [last, node], set()

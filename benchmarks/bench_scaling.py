@@ -1,0 +1,77 @@
+"""How ``optimize()`` scales with the number of sites (no kernel measurement).
+
+    python benchmarks/bench_scaling.py                 # 250, 500, 1000, 2000 sites
+    python benchmarks/bench_scaling.py --sites 100 200
+
+The synthetic model is a chain of Keras-port ``TimeDistributed`` wrappers (one reshape site each)
+with a per-step loop every tenth block, on a small ``(2, 4, 8)`` input, so the time measured is the
+pass itself — tracing, shape analysis, matching, rewriting, verification — not the model's math.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from tabulate import tabulate
+from torch import nn
+
+import tdd_fx
+
+
+class Wrapper(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.module = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.module(x.contiguous().view(-1, x.size(-1)))
+        return y.view(x.size(0), -1, y.size(-1))
+
+
+class StepLoop(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.fc(x[:, t]) for t in range(x.size(1))], 1)
+
+
+class Chain(nn.Module):
+    def __init__(self, sites: int, width: int = 8) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            StepLoop(width) if i % 10 == 9 else Wrapper(width) for i in range(sites))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return x
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--sites", nargs="*", type=int, default=[250, 500, 1000, 2000])
+    args = p.parse_args(argv)
+    rows = []
+    for n in args.sites:
+        torch.manual_seed(0)
+        model = Chain(n)
+        x = torch.randn(2, 4, 8)
+        t0 = time.perf_counter()
+        opt = tdd_fx.optimize(model, (x,))
+        seconds = time.perf_counter() - t0
+        report = opt.tdd_report
+        nodes = len(opt.graph.nodes) if hasattr(opt, "graph") else 0
+        rows.append({"sites": n, "rewritten": len(report.rewritten), "graph nodes after": nodes,
+                     "optimize() s": round(seconds, 2), "ms per site": round(1e3 * seconds / n, 2),
+                     "verified": report.verified})
+        print(f"  {n} sites: {seconds:.2f} s", flush=True)
+    print(tabulate(rows, headers="keys", tablefmt="github"))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -288,6 +288,10 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...] | None = None) -> 
             f"cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}"
             + (f" (at {where})" if where else "")
         ) from exc
+    for node in graph.nodes:  # `from __future__ import annotations` leaves str types, which
+        if isinstance(node.type, str):  # the generated code cannot pickle (pytorch#167117)
+            node.type = None
+    graph._tracer_cls = TddTracer  # what torch.load re-traces with: needs a no-argument tracer
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     graft_tree(gm, root)
     return Captured(gm, getattr(tracer, "facts", []))

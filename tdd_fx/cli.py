@@ -156,6 +156,7 @@ def build_parser(prog: str = "tdd-fx") -> argparse.ArgumentParser:
                       help="put the model in eval mode (the default)")
     mode.add_argument("--train", dest="train", action="store_true",
                       help="put the model in train mode (dropout, batch statistics)")
+    common.set_defaults(train=False)
     common.add_argument("--format", "-f", choices=("table", "json", "markdown"), default="table",
                         help="report format on stdout: table (default), json (only the JSON "
                              "document) or markdown")
@@ -166,8 +167,8 @@ def build_parser(prog: str = "tdd-fx") -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Find hand-written time-distributed dense layers in a PyTorch model "
-                    "(reshape -> Linear -> reshape, transposes around a Linear, ...) and replace "
+        description="Find hand-written time-distributed dense layers in a PyTorch model\n"
+                    "(reshape -> Linear -> reshape, transposes around a Linear, ...) and replace\n"
                     "each with one canonical, verified node.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     from . import __version__

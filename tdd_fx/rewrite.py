@@ -138,6 +138,7 @@ def apply(base: fx.GraphModule, candidates: list[Candidate], ranks: dict[str, in
     (those the trace relied on, plus those of the applied candidates).
     """
     graph = copy.deepcopy(base.graph)
+    graph._tracer_cls = getattr(base.graph, "_tracer_cls", None)
     gm = fx.GraphModule(base, graph, class_name=type(base).__name__)
     graft_tree(gm, base)
     results: dict[int, str] = {}

@@ -88,6 +88,10 @@ class Sym:
 SymShape = tuple[Sym, ...]
 
 
+class Multi(tuple):  # type: ignore[type-arg]
+    """The shapes of a module's tuple output, e.g. an RNN's ``(output, h_n)`` (None: unknown)."""
+
+
 def prod(syms: tuple[Sym, ...] | list[Sym]) -> Sym:
     out = Sym.lit(1)
     for s in syms:
@@ -477,6 +481,8 @@ class ShapeAnalysis(fx.Interpreter):
                 return Sym.lit(len(first))
             if f is operator.getitem and isinstance(self.values.get(n.args[0]), torch.Tensor):
                 return _index(first, n.args[1])
+            if f is operator.getitem and isinstance(first, Multi) and isinstance(n.args[1], int):
+                return first[n.args[1]]
             if f is operator.getitem and isinstance(first, tuple) and isinstance(n.args[0], fx.Node):
                 idx = n.args[1]
                 if isinstance(idx, int) and all(isinstance(s, Sym) for s in first):
@@ -539,6 +545,16 @@ class ShapeAnalysis(fx.Interpreter):
             mod = self.module.get_submodule(n.target)
             if isinstance(mod, nn.Linear):
                 return first[:-1] + (Sym.lit(mod.out_features),)
+            if isinstance(mod, nn.RNNBase) and isinstance(first, tuple) and len(first) == 3:
+                width = Sym.lit(mod.hidden_size * (2 if mod.bidirectional else 1)
+                                if not getattr(mod, "proj_size", 0) else
+                                mod.proj_size * (2 if mod.bidirectional else 1))
+                return Multi((first[:2] + (width,), None))
+            if isinstance(mod, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+                                nn.TransformerEncoder, nn.TransformerDecoder)):
+                return first
+            if isinstance(mod, nn.Embedding):
+                return first + (Sym.lit(mod.embedding_dim),)
             if isinstance(mod, (*POINTWISE_MODULES, nn.LayerNorm, nn.Softmax, nn.LogSoftmax,
                                 nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.PReLU)):
                 return first
@@ -571,6 +587,8 @@ def _checked(n: fx.Node, sym: Any, result: Any) -> Any:
         if isinstance(sym, Sym) and sym.value == result:
             return sym
         return Sym.of(Atom(n.name, -1, result, guardable=False))
+    if isinstance(sym, Multi) and isinstance(result, (tuple, list)) and len(sym) == len(result):
+        return Multi(_checked(n, s, r) if s is not None else None for s, r in zip(sym, result))
     if isinstance(result, (tuple, list)) and all(isinstance(r, int) for r in result):
         if (isinstance(sym, tuple) and len(sym) == len(result)
                 and all(isinstance(s, Sym) and s.value == r for s, r in zip(sym, result))):

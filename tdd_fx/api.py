@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from . import fallback
 from . import rewrite as rw
 from ._state import preserved
 from .capture import CaptureError, capture, copy_module_tree, example_summary
@@ -177,6 +178,8 @@ class _Session:
             self.report.max_error = verdict.max_error
             self.report.tolerance_used = verdict.tolerance_used
         gm.tdd_report = self.report
+        if guards:
+            fallback.install(gm, self.model)
         return gm
 
     def _verified(self, proved: list[Candidate]

@@ -82,16 +82,18 @@ def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu
     """Heuristic kernel choice (used when no measurement is asked for).
 
     Features on the last axis: ``linear`` (this *is* ``nn.Linear``; nothing is faster).
-    Features elsewhere (channel-first ``(B, F, T)``): ``linear_t`` — linear between two free
-    transposes — on CPU, where it was never more than 1.1x the best kernel in our measurements;
-    ``conv1d`` on CUDA for 3-D inputs, the most frequent winner in the H100 measurements of
-    ``shared/anchors``.  ``autotune`` (measured choice) supersedes this.
+    Features on axis 1 of a 3-D ``(B, F, T)`` input: on CUDA ``conv1d``, the most frequent winner
+    in the H100 measurements of ``shared/anchors``; on CPU ``baddbmm`` (weight expanded over the
+    batch), which in our 2-core measurements (``benchmarks/results``) was the best or within 1.7x
+    of the best kernel at every shape, where ``linear_t`` reached 2.1x and ``conv1d`` 3.7x.  No
+    kernel wins everywhere: ``optimize(..., autotune=True)`` measures instead.  Other layouts:
+    ``linear_t`` (linear between two free transposes).
     """
     d = feature_dim % ndim if ndim else feature_dim
     if ndim == 0 or d == ndim - 1:
         return "linear"
-    if torch.device(device).type == "cuda" and ndim == 3 and d == 1:
-        return "conv1d"
+    if ndim == 3 and d == 1:
+        return "conv1d" if torch.device(device).type == "cuda" else "baddbmm"
     return "linear_t"
 
 
@@ -142,7 +144,7 @@ def check_input(
     if x.dim() != ndim:
         raise GuardError(
             f"tdd_fx: input {name!r} was optimized for {ndim}-D tensors, got shape "
-            f"{tuple(x.shape)}; call the original model or optimize() again with such inputs"
+            f"{tuple(x.shape)} (optimize() again for such inputs)"
         )
     for dims, value in sizes:
         got = 1
@@ -152,7 +154,7 @@ def check_input(
             what = "*".join(f"{name}.shape[{dim}]" for dim in dims)
             raise GuardError(
                 f"tdd_fx: the rewrite relied on {what} == {value}, got {got} (shape "
-                f"{tuple(x.shape)}); call the original model or optimize() again with such inputs"
+                f"{tuple(x.shape)}; optimize() again for such inputs)"
             )
     return x
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -184,12 +186,18 @@ def test_conv_rewrite_generalises_to_other_sizes(name: str) -> None:
 
 
 def test_full_span_kernel_size_is_guarded() -> None:
-    """The (F, 1) kernel was proved for F features: another F is refused, not silently wrong."""
+    """The (F, 1) kernel was proved for F features: another F fails the guard, and the original
+    (which then raises its own error, the conv producing 2 rows) runs instead: never silently
+    wrong.  A copy without the fallback raises GuardError."""
     model, x = _make("f1_squeeze")
     opt = tdd_fx.optimize(model, (x,))
     assert opt.tdd_report.rewritten
+    other = _input((B, FEAT + 1, T))
+    with pytest.warns(RuntimeWarning, match="relied on"):
+        got = opt(other)
+    torch.testing.assert_close(got, model(other))
     with pytest.raises(tdd_fx.GuardError):
-        opt(_input((B, FEAT + 1, T)))
+        copy.deepcopy(opt)(other)
 
 
 

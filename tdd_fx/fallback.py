@@ -23,7 +23,6 @@ from torch import nn
 from .capture import copy_module_tree
 from .ops import GuardError
 
-
 #: optimized module -> its fallback.  Kept outside the module: it must not be pickled, copied or
 #: seen by ``state_dict()``/``named_modules()``.
 _FALLBACKS: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()

@@ -3,9 +3,8 @@ real convolutions (and anything not proved) are left alone, with the reason."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch

@@ -70,12 +70,21 @@ class _Session:
         self.candidates: list[Candidate] = []
         self.ranks: dict[str, int] = {}
         self.trace_guards: list[Guard] = []
+        #: why the model as a whole could not be captured ("" when it could)
+        self.untraceable = ""
+
+    def _cannot(self, why: str) -> None:
+        self.untraceable = why
+        self.report.notes.append(why)
 
     def find(self) -> None:
+        if getattr(self, "_found", False):
+            return
+        self._found = True
         try:
             captured = capture(self.model, self.inputs)
         except CaptureError as exc:
-            self.report.notes.append(f"{exc}; the model is returned unchanged")
+            self._cannot(str(exc))
             return
         gm = captured.gm
         shapes = None
@@ -84,17 +93,15 @@ class _Session:
             try:
                 shapes.analyse(*self.inputs)
             except Exception as exc:
-                self.report.notes.append(
-                    f"the traced graph fails on the example inputs ({type(exc).__name__}: {exc});"
-                    " the model is returned unchanged")
+                self._cannot(f"the traced graph of {type(self.model).__name__} fails on the "
+                             f"example inputs ({type(exc).__name__}: {exc})")
                 return
             self.ranks = {n.name: v.dim() for n, v in shapes.values.items()
                           if n.op == "placeholder" and isinstance(v, Tensor)}
             try:
                 self.trace_guards = facts_to_guards(captured.facts, shapes)
             except UnguardableFact as exc:
-                self.report.notes.append(f"cannot trace {type(self.model).__name__}: {exc}; "
-                                         "the model is returned unchanged")
+                self._cannot(f"cannot trace {type(self.model).__name__}: {exc}")
                 return
         else:
             self.report.notes.append(NO_INPUTS)
@@ -110,6 +117,10 @@ class _Session:
     # ----------------------------------------------------------------------------------------
     def audit(self) -> Report:
         self.find()
+        if self.untraceable and self.inputs is not None:
+            for path, sub in self._parts():
+                self._merge(path, sub.audit())
+            return self.report
         for cand in self.candidates:
             for site in cand.sites:
                 site.status = "found" if cand.proved else "rejected"
@@ -118,8 +129,15 @@ class _Session:
 
     def optimize(self) -> nn.Module:
         self.find()
+        if self.untraceable and self.inputs is not None:
+            return self._optimize_parts()
+        return self._optimized()
+
+    def _optimized(self) -> nn.Module:
+        """The rest of optimize(), once find() has run."""
         if self.gm is None:
             out = copy_module_tree(self.model)
+            self.report.notes.append("the model is returned unchanged")
             out.tdd_report = self.report
             return out
         proved = [c for c in self.candidates if c.proved]
@@ -182,6 +200,74 @@ class _Session:
             fallback.install(gm, self.model)
         return gm
 
+    # --- partial tracing ---------------------------------------------------------------------
+    def _parts(self) -> list[tuple[str, _Session]]:
+        """Sessions for the largest traceable submodules, each with the inputs it received
+        during one run of the model on the example inputs (recursing into untraceable ones)."""
+        calls = _record_calls(self.model, self.inputs or ())
+        parts: list[tuple[str, _Session]] = []
+
+        def visit(module: nn.Module, prefix: str) -> None:
+            for name, child in module.named_children():
+                path = prefix + name
+                args = calls.get(path)
+                if args is None:
+                    continue  # never called on these inputs, or called with keywords
+                if _is_standard_layer(child):
+                    if isinstance(child, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                        parts.append((path, _Session(child, args, self.report.mode)))
+                    continue
+                sub = _Session(child, args, self.report.mode)
+                sub.find()
+                if sub.untraceable and "fails on the example" not in sub.untraceable:
+                    self.report.notes.append(f"{path}: {sub.untraceable}")
+                    visit(child, path + ".")
+                else:
+                    parts.append((path, sub))
+
+        visit(self.model, "")
+        names = ", ".join(p for p, _ in parts) or "none"
+        self.report.notes.append(f"traced its submodules instead, with the inputs each received "
+                                 f"on the example: {names}")
+        return parts
+
+    def _merge(self, path: str, sub: Report) -> None:
+        for site in sub.sites:
+            if site.module:
+                site.module = f"{path}.{site.module}"
+                site.where = f"{path}.{site.where}"
+            else:  # the submodule itself (a layer traced on its own)
+                site.module, site.source, site.where = path, "", path
+            self.report.sites.append(site)
+        self.report.guards.extend(f"{path}: {g}" for g in sub.guards)
+        self.report.notes.extend(f"{path}: {n}" for n in sub.notes
+                                 if not n.startswith("no second input set"))
+
+    def _optimize_parts(self) -> nn.Module:
+        root = copy_module_tree(self.model)
+        worst = 0.0
+        for path, sub in self._parts():
+            sub.find()
+            optimized = sub._optimized()
+            self._merge(path, optimized.tdd_report)
+            if optimized.tdd_report.rewritten:
+                parent, _, name = path.rpartition(".")
+                owner = root.get_submodule(parent) if parent else root
+                owner._modules[name] = optimized
+                worst = max(worst, optimized.tdd_report.max_error or 0.0)
+        # the assembled model, verified as a whole against the original
+        sets = [self.inputs]
+        ref64 = fp64_reference(self.model)
+        v = verify(self.model, root, sets, ref64) if self.inputs is not None else None
+        if v is not None and not v.ok:
+            for site in self.report.rewritten:
+                site.status, site.reason = "rolled_back", f"verification failed: {v.detail}"
+            root = copy_module_tree(self.model)
+        self.report.verified = v.ok if v is not None else None
+        self.report.max_error = v.max_error if v is not None and v.ok else None
+        root.tdd_report = self.report
+        return root
+
     def _verified(self, proved: list[Candidate]
                   ) -> tuple[list[Candidate] | None, dict[int, str], Verdict]:
         """Candidates that pass verification (bisecting failures), those rolled back (with why)."""
@@ -235,6 +321,36 @@ class _Session:
         if good != proved:
             check(good)
         return good, bad, last["v"]
+
+
+def _is_standard_layer(m: nn.Module) -> bool:
+    mod = type(m).__module__
+    return mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")
+
+
+def _record_calls(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, tuple[Any, ...]]:
+    """The positional tensor arguments each submodule received first, during one run."""
+    calls: dict[str, tuple[Any, ...]] = {}
+    handles = []
+    for path, m in model.named_modules():
+        if not path:
+            continue
+
+        def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                path: str = path) -> None:
+            if path in calls:
+                return
+            ok = not kwargs and args and all(isinstance(a, Tensor) for a in args)
+            calls[path] = tuple(a.detach().clone() for a in args) if ok else None  # type: ignore[assignment]
+
+        handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        with preserved([model]), torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v for k, v in calls.items() if v is not None}
 
 
 def _kernels_in_graph(gm: fx.GraphModule, report: Report) -> None:

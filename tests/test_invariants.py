@@ -482,14 +482,22 @@ class DataDependent(nn.Module):
 
 
 @pytest.mark.parametrize("with_inputs", [True, False])
-def test_untraceable_model_comes_back_unchanged_sharing_parameters(with_inputs):
+def test_untraceable_model_keeps_its_code_sharing_parameters(with_inputs):
+    """The root cannot be traced: without inputs it comes back unchanged; with inputs its
+    traceable child is optimized (partial tracing) and grafted into a copy of the tree."""
     model = DataDependent().train()
     snap = snapshot(model)
     opt = tdd_fx.optimize(model, (x3(),) if with_inputs else None)
     assert_unchanged(model, snap)
     assert opt is not model
-    assert opt.tdd_report.rewritten == []
-    assert any("unchanged" in n for n in opt.tdd_report.notes)
+    assert type(opt) is DataDependent  # the root's own (untraceable) code is kept
+    if with_inputs:
+        assert [s.module for s in opt.tdd_report.rewritten] == ["a.module"]
+        assert opt.tdd_report.verified is True
+        assert any("traced its submodules" in n for n in opt.tdd_report.notes)
+    else:
+        assert opt.tdd_report.rewritten == []
+        assert any("unchanged" in n for n in opt.tdd_report.notes)
     assert [id(p) for p in opt.parameters()] == [id(p) for p in model.parameters()]
     assert list(opt.state_dict()) == list(model.state_dict())
     pos, neg = x3(), -x3().abs()

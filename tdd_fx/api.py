@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from . import fallback
+from . import fallback, tune
 from . import rewrite as rw
 from ._state import preserved
 from .capture import CaptureError, capture, copy_module_tree, example_summary
@@ -72,6 +72,9 @@ class _Session:
         self.trace_guards: list[Guard] = []
         #: why the model as a whole could not be captured ("" when it could)
         self.untraceable = ""
+        self.autotune = False
+        self.timing_train = model.training
+        self.keep_canonical = False
 
     def _cannot(self, why: str) -> None:
         self.untraceable = why
@@ -195,9 +198,40 @@ class _Session:
             self.report.verified = True
             self.report.max_error = verdict.max_error
             self.report.tolerance_used = verdict.tolerance_used
+        if self.autotune and self.inputs is not None and good:
+            gm = self._tune(gm, good)
         gm.tdd_report = self.report
         if guards:
             fallback.install(gm, self.model)
+        return gm
+
+    def _tune(self, gm: fx.GraphModule, good: list[Candidate]) -> fx.GraphModule:
+        """Measured kernels; whole-model time before/after; never slower (unless asked)."""
+        train = self.timing_train
+        times = tune.tune(gm, self.inputs, train)
+        for site in self.report.rewritten:
+            if site.node in times:
+                site.kernel_ms = {k: round(v * 1e3, 4) for k, v in times[site.node].items()}
+                site.kernel = min(times[site.node], key=times[site.node].__getitem__)
+        ref = getattr(self, "_ref", None)
+        if ref is not None:  # kernels are equivalent, but the returned model is always verified
+            v = verify(self.model, gm, self._sets, None, ref)
+            if not v.ok:
+                self.report.notes.append(f"measured kernels failed verification ({v.detail}); "
+                                         "kept the default kernels")
+                gm, _, _ = rw.apply(self.gm, good, self.ranks, self.trace_guards, self.inputs)
+        before, after, noise = tune.compare_models(self.model, gm, self.inputs, train)
+        self.report.time_before_ms, self.report.time_after_ms = before * 1e3, after * 1e3
+        self.report.timing_mode = "train" if train else "eval"
+        if after > before * (1 + max(noise, 0.05)) and not self.keep_canonical:
+            reason = (f"the optimized model measured slower ({after * 1e3:.3g} ms vs "
+                      f"{before * 1e3:.3g} ms per {self.report.timing_mode} step, noise "
+                      f"{100 * noise:.0f}%); pass keep_canonical=True to keep it anyway")
+            for site in self.report.rewritten:
+                site.status, site.reason = "rolled_back", reason
+            gm, _, self.report.guards = rw.apply(self.gm, [], self.ranks, self.trace_guards,
+                                                 self.inputs)
+            self.report.time_after_ms = before * 1e3
         return gm
 
     # --- partial tracing ---------------------------------------------------------------------
@@ -290,6 +324,7 @@ class _Session:
             self.report.notes.append("the model could not be copied to float64: verified "
                                      "against the original only")
         ref = reference(self.model, sets, ref64)
+        self._ref, self._sets = ref, sets
         last: dict[str, Verdict] = {}
 
         def check(cands: list[Candidate]) -> bool:
@@ -367,7 +402,8 @@ def _kernels_in_graph(gm: fx.GraphModule, report: Report) -> None:
             site.kernel = used[site.node]
 
 
-def optimize(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor | None = None
+def optimize(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor | None = None, *,
+             autotune: bool = False, mode: str | None = None, keep_canonical: bool = False
              ) -> nn.Module:
     """Rewrite every provably time-distributed dense site of ``model`` into one canonical node.
 
@@ -375,9 +411,21 @@ def optimize(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor | None 
     original ``Parameter`` objects) whose outputs and gradients were verified against ``model``
     on ``example_inputs`` and on inputs with other batch/time sizes; ``.tdd_report`` says what was
     done.  ``model`` itself is never modified.
+
+    ``autotune=True`` times every applicable kernel of each canonical node on the example
+    shapes (forward-only for ``mode="eval"``, forward+backward for ``mode="train"``; default: the
+    model's own mode), fixes the fastest, and times the whole model before and after.  If the
+    result is slower than the original beyond measured noise, the rewrites are rolled back, unless
+    ``keep_canonical=True`` (e.g. to export the canonical form regardless).
     """
+    if mode not in (None, "train", "eval"):
+        raise ValueError(f"mode must be 'train', 'eval' or None, got {mode!r}")
     inputs = _check_args(model, example_inputs)
-    return _Session(model, inputs, "optimize").optimize()
+    session = _Session(model, inputs, "optimize")
+    session.autotune = autotune
+    session.timing_train = model.training if mode is None else mode == "train"
+    session.keep_canonical = keep_canonical
+    return session.optimize()
 
 
 def audit(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor | None = None) -> Report:

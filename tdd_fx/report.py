@@ -34,6 +34,8 @@ class Site:
     guards: list[str] = field(default_factory=list)
     #: name of the graph node the site was found at (the dense op, conv, einsum, ...)
     node: str = ""
+    #: with autotune: milliseconds per call of each kernel measured for this site
+    kernel_ms: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -41,6 +43,12 @@ class Site:
             if d[k] is not None:
                 d[k] = list(d[k])
         return d
+
+
+def _kernel(s: Site) -> str:
+    if s.kernel in s.kernel_ms:
+        return f"{s.kernel} ({s.kernel_ms[s.kernel]:.3g} ms)"
+    return s.kernel or "-"
 
 
 def _shape(s: tuple[int, ...] | None) -> str:
@@ -60,6 +68,10 @@ class Report:
     guards: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     inputs: str = ""
+    #: with autotune: whole-model time (ms) before and after, in ``timing_mode``
+    time_before_ms: float | None = None
+    time_after_ms: float | None = None
+    timing_mode: str = ""
 
     @property
     def rewritten(self) -> list[Site]:
@@ -92,13 +104,16 @@ class Report:
                 head += f"; outputs and gradients verified{err}{tol}"
             elif self.verified is False:
                 head += "; NOT verified"
+            if self.time_before_ms is not None and self.time_after_ms is not None:
+                head += (f"; {self.timing_mode} step {self.time_before_ms:.3g} ms -> "
+                         f"{self.time_after_ms:.3g} ms "
+                         f"({self.time_before_ms / max(self.time_after_ms, 1e-9):.2f}x)")
         return head
 
     def table(self, fmt: str = "simple") -> str:
         rows = [
             [s.pattern, s.where, s.status, f"{_shape(s.in_shape)} -> {_shape(s.out_shape)}",
-             s.kernel or "-", "-" if s.max_error is None else f"{s.max_error:.1e}",
-             s.reason or ""]
+             _kernel(s), "-" if s.max_error is None else f"{s.max_error:.1e}", s.reason or ""]
             for s in self.sites
         ]
         headers = ["pattern", "where", "status", "shapes", "kernel", "max err", "reason"]
@@ -136,6 +151,9 @@ class Report:
             "verified": self.verified,
             "max_error": self.max_error,
             "tolerance_used": self.tolerance_used,
+            "time_before_ms": self.time_before_ms,
+            "time_after_ms": self.time_after_ms,
+            "timing_mode": self.timing_mode,
             "guards": list(self.guards),
             "notes": list(self.notes),
             "summary": self.summary(),

@@ -1,0 +1,76 @@
+"""Measured kernel choice, whole-model timing and the never-slower rule (autotune=True)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_equivalent
+from torch import nn
+
+import tdd_fx
+from tdd_fx import tune
+from tdd_fx.ops import time_distributed_dense
+
+
+class ChannelFirst(nn.Module):
+    """Pointwise Conv1d over (B, F, T): a site whose best kernel has to be measured."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(6, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x))
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(3, 6, 7)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_autotune_measures_every_kernel_and_fixes_the_fastest(mode: str) -> None:
+    model = ChannelFirst()
+    opt = tdd_fx.optimize(model, (_x(),), autotune=True, mode=mode, keep_canonical=True)
+    report = opt.tdd_report
+    (site,) = report.rewritten
+    assert set(site.kernel_ms) == {"linear_t", "matmul", "baddbmm", "conv1d"}
+    assert site.kernel == min(site.kernel_ms, key=site.kernel_ms.__getitem__)
+    impls = [n.kwargs["impl"] for n in opt.graph.nodes if n.target is time_distributed_dense]
+    assert impls == [site.kernel]
+    assert report.time_before_ms > 0 and report.time_after_ms > 0
+    assert report.timing_mode == mode
+    assert f"{mode} step" in report.summary()
+    assert_equivalent(opt, model, (_x(),))
+
+
+def test_kernel_choices_are_cached_per_shape_and_mode() -> None:
+    tune._CACHE.clear()
+    a = tune.kernel_times((2, 4, 5), 1, 3, torch.float32, torch.device("cpu"), train=False)
+    assert tune.kernel_times((2, 4, 5), 1, 3, torch.float32, torch.device("cpu"), False) is a
+    b = tune.kernel_times((2, 4, 5), 1, 3, torch.float32, torch.device("cpu"), train=True)
+    assert b is not a and len(tune._CACHE) == 2
+    assert tune.candidates_for(3, -1) == ["linear"]
+
+
+def test_slower_result_is_rolled_back_unless_canonical_is_asked(monkeypatch) -> None:
+    monkeypatch.setattr(tune, "compare_models", lambda *a, **k: (1e-3, 2e-3, 0.01))
+    model = ChannelFirst()
+    opt = tdd_fx.optimize(model, (_x(),), autotune=True)
+    (site,) = opt.tdd_report.sites
+    assert site.status == "rolled_back" and "measured slower" in site.reason
+    assert not [n for n in opt.graph.nodes if n.target is time_distributed_dense]
+    assert_equivalent(opt, model, (_x(),))
+    kept = tdd_fx.optimize(model, (_x(),), autotune=True, keep_canonical=True)
+    assert [s.status for s in kept.tdd_report.sites] == ["rewritten"]
+
+
+def test_timing_leaves_the_model_untouched() -> None:
+    model = ChannelFirst().train()
+    tdd_fx.optimize(model, (_x(),), autotune=True, mode="train")
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training
+
+
+def test_bad_mode_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="mode must be"):
+        tdd_fx.optimize(ChannelFirst(), (_x(),), mode="inference")

@@ -201,6 +201,7 @@ class _Session:
         if self.autotune and self.inputs is not None and good:
             gm = self._tune(gm, good)
         gm.tdd_report = self.report
+        gm.meta.setdefault("_user_preserved_attributes", {})["tdd_report"] = self.report  # deepcopy
         if guards:
             fallback.install(gm, self.model)
         return gm

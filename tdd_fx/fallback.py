@@ -13,6 +13,7 @@ such a copy raises ``GuardError`` instead of falling back.
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from typing import Any
@@ -39,7 +40,10 @@ def _sync_modes(src: nn.Module, dst: nn.Module) -> None:
 def install(gm: fx.GraphModule, original: nn.Module) -> None:
     """Make ``gm`` run a copy of ``original`` whenever one of its guards fails."""
     _FALLBACKS[gm] = copy_module_tree(original)
-    cls = type(gm)
+    _wrap(type(gm))
+
+
+def _wrap(cls: type[fx.GraphModule]) -> None:
     generated = cls.forward
     if getattr(generated, "_tdd_guarded", False):
         return
@@ -59,6 +63,13 @@ def install(gm: fx.GraphModule, original: nn.Module) -> None:
         _sync_modes(self, fallback)
         return fallback(*args, **kwargs)
 
+    functools.update_wrapper(forward, generated)  # the signature torch.export/onnx match against
     forward._tdd_guarded = True  # type: ignore[attr-defined]
-    forward.__doc__ = generated.__doc__
     cls.forward = forward  # type: ignore[method-assign]
+    if "recompile" not in cls.__dict__:  # recompile() (torch.save calls it) regenerates forward
+        def recompile(self: fx.GraphModule) -> Any:
+            result = fx.GraphModule.recompile(self)
+            _wrap(type(self))
+            return result
+
+        cls.recompile = recompile  # type: ignore[method-assign]

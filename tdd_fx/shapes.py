@@ -204,6 +204,28 @@ def _movedim(src: SymShape, a: int, b: int) -> SymShape:
     return tuple(out)
 
 
+def _known(s: Sym) -> bool:
+    return all(a.guardable for a in s.atoms)
+
+
+def _broadcast(shapes: list[Any]) -> SymShape | None:
+    """The broadcast shape of elementwise operands.  Where two operands name the same size
+    differently (equal on the example), the one we can follow wins over an opaque one: they must
+    be equal (or the op fails loudly) for any input."""
+    shapes = [sh for sh in shapes if all(isinstance(v, Sym) for v in sh)]
+    if not shapes:
+        return None
+    rank = max(len(sh) for sh in shapes)
+    out: list[Sym] = []
+    for i in range(rank):
+        dims = [sh[len(sh) - rank + i] for sh in shapes if len(sh) - rank + i >= 0]
+        big = [d for d in dims if not (d.is_literal and d.coef == 1)] or dims[:1]
+        if len({d.value for d in big}) != 1:
+            return None
+        out.append(next((d for d in big if _known(d)), big[0]))
+    return tuple(out)
+
+
 def _matmul(a: SymShape, b: SymShape) -> SymShape | None:
     """Shape of ``a @ b`` (both at least 2-D; batch dims must already agree or be absent)."""
     if len(a) < 2 or len(b) < 2:
@@ -533,13 +555,12 @@ class ShapeAnalysis(fx.Interpreter):
                 return None if w is None else first[:d] + (Sym.lit(w.shape[0]),) + first[d + 1 :]
             if f in POINTWISE_FUNCTIONS or f in (F.softmax, F.log_softmax, F.layer_norm):
                 return first
-            if f in SCALAR_ARITH:
-                shapes = [a for a in args if isinstance(a, tuple)]
-                if all(s == shapes[0] for s in shapes) and shapes:
-                    return shapes[0]
-                if len(shapes) == 2 and len(shapes[1]) == 1 and shapes[0] and \
-                        shapes[1][0] == shapes[0][-1]:
-                    return shapes[0]  # + a per-feature vector
+            if f in SCALAR_ARITH or f in (torch.add, torch.mul, torch.sub, torch.div,
+                                          torch.maximum, torch.minimum, torch.where):
+                return _broadcast([a for a in args if isinstance(a, tuple)])
+            if f in (torch.zeros_like, torch.ones_like, torch.empty_like, torch.rand_like,
+                     torch.randn_like, torch.full_like):
+                return first
             return None
         if n.op == "call_module":
             mod = self.module.get_submodule(n.target)

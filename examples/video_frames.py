@@ -16,10 +16,9 @@ The sites:
 * ``memory``: ``h = torch.tanh(self.cell(x[:, t]) + self.decay * h)`` collected with ``stack``.
   Each step reads the previous one: a recurrence, not time-distributed. Rejected, with the reason.
 * ``frame_heads``: ``nn.ModuleList([head] * FRAMES)`` — one module, tied across the frame slots —
-  and ``torch.cat([head(x[:, t:t + 1]) for t, head in enumerate(self.frame_heads)], 1)``. This is a
-  tied loop, but it runs a fixed ``len(self.frame_heads)`` steps, so a rewrite needs the guard
-  "axis 1 has FRAMES steps"; its ``x`` comes out of the Transformer layer, whose output size the
-  current tdd_fx does not relate to the input, so it is reported as rejected ("cannot be guarded").
+  and ``torch.cat([head(x[:, t:t + 1]) for t, head in enumerate(self.frame_heads)], 1)``. A tied
+  loop, re-rolled; it runs a fixed ``len(self.frame_heads)`` steps, so the rewrite carries the guard
+  ``frames.shape[1] == FRAMES`` (another clip length runs the original, which fails the same way).
 """
 
 from __future__ import annotations
@@ -60,9 +59,7 @@ class VideoClassifier(nn.Module):
         x = torch.stack([self.frame_proj(frames[:, t]) for t in range(frames.size(1))], 1)
         h = torch.zeros_like(x[:, 0])
         memory = []
-        # counted on the input: with range(x.size(1)) the current tdd_fx cannot trace the model
-        # (it does not follow torch.stack's output size back to the input)
-        for t in range(frames.size(1)):
+        for t in range(x.size(1)):
             h = torch.tanh(self.cell(x[:, t]) + self.decay * h)
             memory.append(h)
         x = self.temporal(x + torch.stack(memory, 1))  # (B, T, d_model)

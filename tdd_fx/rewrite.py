@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 def node_named(gm: fx.GraphModule, name: str) -> fx.Node:
     """The node called ``name`` (names survive the graph copy); indexed once per rewrite pass."""
     index = gm.__dict__.get("_tdd_nodes")
-    if index is None or name not in index or index[name].graph is not gm.graph:
+    if index is None or name not in index or getattr(index[name], "_erased", False):
         index = gm.__dict__["_tdd_nodes"] = {n.name: n for n in gm.graph.nodes}
     return index[name]
 
@@ -62,8 +62,9 @@ def emit_region(gm: fx.GraphModule, entry_name: str, spec: list[tuple[str, Role]
     re-expressed (functional ``dim=``) or a local fold (modules such as ``BatchNorm1d``).
     """
     g = gm.graph
-    entry = node_named(gm, entry_name)
     region = [(node_named(gm, name), role) for name, role in spec]
+    entry = region[0][0].args[region[0][1].data]  # as it is now: an earlier rewrite may have
+    del entry_name                                # replaced the node the match saw
     last = region[-1][0]
     cur = entry
     with g.inserting_before(last):
@@ -155,7 +156,12 @@ def apply(base: fx.GraphModule, candidates: list[Candidate], ranks: dict[str, in
     if cleanup:
         gm.recompile()
         simplify(gm, inputs, erase_dead)
-    erase_dead([n for n in gm.graph.nodes if is_metadata(n)], gm.graph)  # leftovers of the trace
+    erase_dead([n for n in gm.graph.nodes if not n.users and (  # leftovers of the trace
+        is_metadata(n) or n.op == "call_function" and n.target is operator.getitem
+        and isinstance(n.args[0], fx.Node) and is_metadata(n.args[0])
+        or n.op == "call_function" and getattr(n.target, "__module__", "") == "_operator"
+        and all(is_metadata(a) or a.op == "call_function" for a in n.all_input_nodes))],
+        gm.graph)
     described = insert_guards(gm, ranks, guards) if (candidates or guards) and ranks else []
     gm.graph.lint()
     gm.recompile()

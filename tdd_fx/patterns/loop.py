@@ -107,6 +107,7 @@ def _step_of(n: fx.Node, ctx: Context) -> tuple[fx.Node, int, Step, fx.Node | No
 class Branch:
     source: tuple[fx.Node, int, Step, fx.Node | None]
     body: list[tuple[fx.Node, Role | None]]  # data-flow order; Role None = trailing unsqueeze
+    step: fx.Node | None = None  # the node that selects this step
 
 
 def _branch(out: fx.Node, ctx: Context) -> Branch | str | None:
@@ -119,7 +120,7 @@ def _branch(out: fx.Node, ctx: Context) -> Branch | str | None:
         src = _step_of(cur, ctx)
         if src is not None:
             body.reverse()
-            return Branch(src, body)
+            return Branch(src, body, cur)
         role = classify(cur, ctx)
         if role is None or role.kind not in ("dense", "pointwise", "lastaxis", "featurewise"):
             return None
@@ -210,6 +211,7 @@ def prove(node: fx.Node, ctx: Context) -> Candidate | None:
         return reject(blocked)
     bs: list[Branch] = branches  # type: ignore[assignment]
     x, a, _, helper = bs[0].source
+    reader = helper if helper is not None else bs[0].step  # reads x: args[0]
     if any(b.source[0] is not x or b.source[1] != a for b in bs):
         return reject("the steps read different tensors or axes")
     shape = ctx.shape(x)
@@ -263,7 +265,7 @@ def prove(node: fx.Node, ctx: Context) -> Candidate | None:
         elif n.target is F.dropout and n.kwargs.get("training", True):
             return reject("F.dropout in training mode draws one random mask per step")
     trailing = bs[0].body[-1][1] is None
-    dn = _norm(d, rank + (0 if keep == {True} or node.target is not torch.stack else 1))
+    dn = _norm(d, rank)  # the result has x's rank (stack of selected steps, or cat of slices)
     if node.target is torch.stack:
         if keep == {True} or trailing:
             return reject("stacks steps that keep their axis")
@@ -277,23 +279,37 @@ def prove(node: fx.Node, ctx: Context) -> Candidate | None:
     out_shape = ctx.shape(node)
     if out_shape is None:
         return reject("the shape of the result is unknown")
-    site = _site(node, anchor, x, ctx, "found", "")
-    site.kernel = "linear"
+    sites = []
+    x_t = ctx.shapes.tensor(x) if ctx.shapes else None
+    for d in dense or [anchor]:  # one site per dense layer of the step, as for folds
+        site = _site(node, d, x, ctx, "found", "")
+        site.kernel, site.node = "linear", d.name
+        t_in, t_out = ctx.shapes.tensor(d.args[0]), ctx.shapes.tensor(d)
+        if x_t is not None and t_in is not None and t_out is not None and dense:
+            lead = tuple(x_t.shape[:-1])
+            site.in_shape, site.out_shape = lead + (t_in.shape[-1],), lead + (t_out.shape[-1],)
+            if move[0] != move[1]:
+                site.out_shape = tuple(ctx.shapes.tensor(node).shape)
+        sites.append(site)
+    site = sites[0]
     template = [(n.name, r) for n, r in bs[0].body if r is not None]
     nodes = [node.name] + [n.name for b in bs for n, _ in b.body]
 
     def rewrite(gm: fx.GraphModule) -> fx.Node:
-        return _emit(gm, node.name, x.name, template, move)
+        return _emit(gm, node.name, reader.name, template, move)
 
     # a count read from the input (range(x.size(a)), x.unbind(a)) follows the input: the guard
     # the trace put on it is released; a fixed count (range(6)) stays a guard
     mine = _count_nodes(x, a, rank, helper) & ctx.loop_counts
+    # the node that reads x for step 0 (x itself may be replaced by an earlier rewrite)
     guards: list = []
     if not mine and not ctx.same_size(shape[a], Sym.lit(len(bs)), guards):
         return reject(f"the loop runs a fixed {len(bs)} steps over an axis whose size "
                       "cannot be guarded")
     site.guards = [str(g) for g in guards]
-    return Candidate(PATTERN, [site], rewrite=rewrite, nodes=nodes, output=node.name,
+    for other in sites[1:]:
+        other.guards = site.guards
+    return Candidate(PATTERN, sites, rewrite=rewrite, nodes=nodes, output=node.name,
                      guards=guards, releases=mine)
 
 
@@ -312,13 +328,13 @@ def _count_nodes(x: fx.Node, a: int, rank: int, helper: fx.Node | None) -> set[s
     return out
 
 
-def _emit(gm: fx.GraphModule, out_name: str, x_name: str, template: list[tuple[str, Role]],
+def _emit(gm: fx.GraphModule, out_name: str, reader: str, template: list[tuple[str, Role]],
           move: tuple[int, int]) -> fx.Node:
     from ..rewrite import _dense_params, erase_dead, node_named
 
     g = gm.graph
     out = node_named(gm, out_name)
-    cur = node_named(gm, x_name)
+    cur = node_named(gm, reader).args[0]  # x, as it is now
     with g.inserting_before(out):
         for name, role in template:
             op = node_named(gm, name)
@@ -327,7 +343,7 @@ def _emit(gm: fx.GraphModule, out_name: str, x_name: str, template: list[tuple[s
                 w, b = _dense_params(gm, op)
                 new = g.call_function(ops.time_distributed_dense, (cur, w, b),
                                       {"feature_dim": -1, "impl": "linear"})
-                new.meta["tdd_site"] = out_name
+                new.meta["tdd_site"] = name
             elif role.kind in ("pointwise", "lastaxis"):
                 new = g.node_copy(op, lambda n, d=data_in, c=cur: c if n is d else n)
             elif op.op == "call_function":
@@ -364,15 +380,20 @@ def _emit(gm: fx.GraphModule, out_name: str, x_name: str, template: list[tuple[s
     return cur
 
 
+IMPURE = frozenset({F.dropout, F.alpha_dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+                    torch.rand, torch.randn, torch.randint, torch.bernoulli, torch.multinomial,
+                    torch.rand_like, torch.randn_like, torch.normal})
+
+
 def _pure(n: fx.Node, gm: fx.GraphModule) -> bool:
-    """Dead nodes that are safe to erase: views, getitems and the layers we know."""
+    """Dead nodes that are safe to erase: anything without side effects or random draws (the
+    step bodies we re-rolled are made of roles: layers, pointwise ops, views, arithmetic)."""
     if n.op == "call_module":
         return classify_free(gm.get_submodule(str(n.target)))
-    return n.target in (operator.getitem, torch.stack, torch.cat) or (
-        isinstance(n.target, str) and n.target in ("unbind", "split", "chunk", "select", "narrow",
-                                                   "unsqueeze", "size", "relu", "tanh", "sigmoid")
-    ) or n.target in (ops.time_distributed_dense, F.linear, F.relu, torch.relu, torch.tanh,
-                      torch.sigmoid, F.gelu, torch.unbind, torch.split, torch.chunk)
+    if n.op == "call_method":
+        return not str(n.target).endswith("_") and n.target not in ("bernoulli", "uniform",
+                                                                     "normal", "random")
+    return n.target not in IMPURE and not getattr(n.target, "__name__", "").endswith("_")
 
 
 def classify_free(m: nn.Module) -> bool:

@@ -184,16 +184,18 @@ def prove(node: fx.Node, ctx: Context) -> Candidate | None:
     kernel = ops.choose_kernel(fd, rank, ctx.device)
     site = _site(add or node, x, ctx, "found", "", fd % rank, kernel)
     names = (node.name, add.name if add is not None else None)
+    where = _locate(node, x)
 
     def rewrite(gm: fx.GraphModule) -> fx.Node:
-        return _emit(gm, names, x.name, w.name, bias_base.name if bias_base is not None else None,
+        return _emit(gm, names, where, w.name, bias_base.name if bias_base is not None else None,
                      w_in_out, fd, kernel)
 
     nodes = [node.name] + ([add.name] if add is not None else [])
     return Candidate(PATTERN, [site], rewrite=rewrite, nodes=nodes, output=nodes[-1])
 
 
-def _emit(gm: fx.GraphModule, names: tuple[str, str | None], x: str, w: str, b: str | None,
+def _emit(gm: fx.GraphModule, names: tuple[str, str | None], x: tuple[int, int | None], w: str,
+          b: str | None,
           w_in_out: bool, fd: int, kernel: str) -> fx.Node:
     from ..rewrite import node_named
 
@@ -207,7 +209,7 @@ def _emit(gm: fx.GraphModule, names: tuple[str, str | None], x: str, w: str, b: 
         bias = None
         if b is not None:
             bias = g.call_method("reshape", (node_named(gm, b), -1))
-        new = g.call_function(ops.time_distributed_dense, (node_named(gm, x), weight, bias),
+        new = g.call_function(ops.time_distributed_dense, (_current(node, x), weight, bias),
                               {"feature_dim": fd, "impl": kernel})
     new.meta.update({k: v for k, v in node.meta.items() if k in META_KEYS})
     new.meta["tdd_site"] = names[0]
@@ -222,6 +224,22 @@ def _emit(gm: fx.GraphModule, names: tuple[str, str | None], x: str, w: str, b: 
         erased.add(n)
         dead.extend(a for a in inputs if a.op == "call_method")
     return new
+
+
+def _locate(node: fx.Node, x: fx.Node) -> tuple[int, int | None]:
+    """Where ``x`` sits in the product's arguments: (arg index, index in a list arg or None)."""
+    for i, a in enumerate(node.args):
+        if a is x:
+            return i, None
+        if isinstance(a, (list, tuple)) and x in a:
+            return i, list(a).index(x)
+    raise ValueError("input not found among the arguments")
+
+
+def _current(node: fx.Node, where: tuple[int, int | None]) -> fx.Node:
+    """The input at ``where`` now (an earlier rewrite may have replaced the one matched)."""
+    i, j = where
+    return node.args[i] if j is None else node.args[i][j]
 
 
 def find(ctx: Context) -> list[Candidate]:

@@ -124,4 +124,5 @@ FORMS: dict[str, tuple[Builder, str]] = {
     "gpt_conv1d_addmm": (lambda b, t, f, o: (GPTConv1D(f, o), (torch.randn(b, t, f),)), "BTO"),
     "baddbmm_expanded": (
         lambda b, t, f, o: (ExpandedBaddbmm(f, o), (torch.randn(b, f, t),)), "BOT"),
+    "loop": (lambda b, t, f, o: (PerStepLoop(f, o), (torch.randn(b, t, f),)), "BTO"),
 }

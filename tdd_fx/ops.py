@@ -62,10 +62,14 @@ def _baddbmm(x: Tensor, w: Tensor, b: Tensor | None, d: int) -> Tensor:
     return torch.baddbmm(b[:, None].expand(n, w.shape[0], x.shape[2]), wb, x)
 
 
-def _conv1d(x: Tensor, w: Tensor, b: Tensor | None, d: int) -> Tensor:
-    if x.dim() != 3 or d != 1:
+_CONVS = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+
+
+def _conv(x: Tensor, w: Tensor, b: Tensor | None, d: int) -> Tensor:
+    """A convolution with a kernel of size 1 (channels = features on axis 1)."""
+    if d != 1 or x.dim() not in _CONVS:
         return _linear_between_transposes(x, w, b, d)
-    return F.conv1d(x, w[:, :, None], b)
+    return _CONVS[x.dim()](x, w.reshape(*w.shape, *([1] * (x.dim() - 2))), b)
 
 
 #: The kernels by name.  Each computes the same function; they differ only in speed.
@@ -74,11 +78,13 @@ KERNELS: dict[str, Callable[[Tensor, Tensor, Tensor | None, int], Tensor]] = {
     "linear_t": _linear_between_transposes,
     "matmul": _matmul,
     "baddbmm": _baddbmm,
-    "conv1d": _conv1d,
+    "conv": _conv,
+    "conv1d": _conv,  # the name earlier reports used for 3-D inputs
 }
 
 
-def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu") -> str:
+def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu",
+                  prefer: str | None = None) -> str:
     """Heuristic kernel choice (used when no measurement is asked for).
 
     Features on the last axis: ``linear`` (this *is* ``nn.Linear``; nothing is faster).
@@ -88,12 +94,19 @@ def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu
     of the best kernel at every shape, where ``linear_t`` reached 2.1x and ``conv1d`` 3.7x.  No
     kernel wins everywhere: ``optimize(..., autotune=True)`` measures instead.  Other layouts:
     ``linear_t`` (linear between two free transposes).
+
+    ``prefer`` names the kernel that mirrors the code being replaced (a pointwise ``Conv1d`` is
+    already ``conv``; ``x.transpose(1, 2)`` -> Linear -> transpose is ``linear_t``): a rewrite
+    without measurement keeps it, so it is never slower than the original.  The heuristic above is
+    for forms whose own computation is the slow part (``Conv2d(1, O, (F, 1))``, per-step loops).
     """
     d = feature_dim % ndim if ndim else feature_dim
     if ndim == 0 or d == ndim - 1:
         return "linear"
+    if prefer is not None:
+        return prefer
     if ndim == 3 and d == 1:
-        return "conv1d" if torch.device(device).type == "cuda" else "baddbmm"
+        return "conv" if torch.device(device).type == "cuda" else "baddbmm"
     return "linear_t"
 
 

@@ -62,7 +62,9 @@ def candidates_for(ndim: int, feature_dim: int) -> list[str]:
         return ["linear"]
     names = ["linear_t", "matmul"]
     if ndim == 3 and d == 1:
-        names += ["baddbmm", "conv1d"]
+        names.append("baddbmm")
+    if d == 1 and 3 <= ndim <= 5:
+        names.append("conv")
     return names
 
 

@@ -163,10 +163,10 @@ def prove(node: fx.Node, spec: ConvSpec, ctx: Context) -> Candidate:
         axis = contracted[0] - nd  # negative index of the contracted axis
         fd = axis
         kernel = ops.choose_kernel(fd, rank - 1, ctx.device)
-    else:
+    else:  # pointwise: the conv kernel *is* the original computation — never slower
         axis = None
         fd = -(nd + 1)
-        kernel = ops.choose_kernel(fd, rank, ctx.device)
+        kernel = ops.choose_kernel(fd, rank, ctx.device, prefer="conv")
     fd_shown = fd % (rank - (1 if contracted else 0))
     site = _site(node, ctx, "found", "", fd_shown, kernel)
     site.guards = [str(g) for g in guards]

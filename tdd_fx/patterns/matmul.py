@@ -181,7 +181,10 @@ def prove(node: fx.Node, ctx: Context) -> Candidate | None:
         if out_features and _bias_ok(other, out_features, fd, ctx, users[0]) is not None:
             add, bias_base = users[0], _bias_ok(other, out_features, fd, ctx, users[0])
     rank = _rank(x, ctx) or 3
-    kernel = ops.choose_kernel(fd, rank, ctx.device)
+    # keep what the hand-written product computed (bmm/baddbmm, W @ x) unless measured otherwise
+    mirror = {"baddbmm": "baddbmm", "bmm": "baddbmm", "matmul": "matmul"}.get(
+        getattr(node.target, "__name__", str(node.target)))
+    kernel = ops.choose_kernel(fd, rank, ctx.device, prefer=mirror)
     site = _site(add or node, x, ctx, "found", "", fd % rank, kernel)
     names = (node.name, add.name if add is not None else None)
     where = _locate(node, x)

@@ -280,7 +280,8 @@ def prove(chain: Chain, ctx: Context) -> Candidate | None:
             if u not in allowed:
                 return reject(f"the intermediate {n.name} is also used outside the fold")
     fd = labels[-1] if channel_first else -1
-    kernel = ops.choose_kernel(fd, rank, ctx.device)
+    # linear between transposes is what the channel-first sandwich computed: keep it by default
+    kernel = ops.choose_kernel(fd, rank, ctx.device, prefer="linear_t")
     sites = _sites(chain, ctx, "found", "", fd)
     for s in sites:
         s.kernel = kernel

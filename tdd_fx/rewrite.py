@@ -140,8 +140,11 @@ def apply(base: fx.GraphModule, candidates: list[Candidate], ranks: dict[str, in
     """
     graph = copy.deepcopy(base.graph)
     graph._tracer_cls = getattr(base.graph, "_tracer_cls", None)
-    gm = fx.GraphModule(base, graph, class_name=type(base).__name__)
+    # an empty graph first: GraphModule(base, graph) would copy every referenced submodule path
+    # into new intermediate modules, only for graft_tree to replace them all
+    gm = fx.GraphModule(base, fx.Graph(), class_name=type(base).__name__)
     graft_tree(gm, base)
+    gm.graph = graph
     results: dict[int, str] = {}
     guards: list[Guard] = []
     released: set[str] = set()

@@ -33,6 +33,12 @@ NO_INPUTS = ("no example_inputs were given: only shape-free proofs were possible
 def _check_args(model: Any, example_inputs: Any) -> tuple[Tensor, ...] | None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"tdd_fx expects a torch.nn.Module, got {type(model).__name__}")
+    lazy = [name or type(model).__name__ for name, m in model.named_modules()
+            if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:
+        raise ValueError(f"the model has uninitialized lazy modules ({', '.join(lazy)}): run it "
+                         "once on real inputs before tdd_fx (running it here would initialize "
+                         "them, changing your model)")
     if example_inputs is None:
         return None
     if isinstance(example_inputs, Tensor):

@@ -57,7 +57,8 @@ def copy_module_tree(model: nn.Module, memo: dict[int, nn.Module] | None = None)
     memo = {} if memo is None else memo
     if id(model) in memo:
         return memo[id(model)]
-    new = copy.copy(model)
+    new = object.__new__(type(model))  # not copy.copy: parametrized modules refuse __getstate__
+    new.__dict__ = dict(model.__dict__)
     memo[id(model)] = new
     new._parameters = type(model._parameters)(model._parameters)
     new._buffers = type(model._buffers)(model._buffers)
@@ -84,6 +85,8 @@ class TddTracer(fx.Tracer):
         return node
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if any(getattr(m, name, None) for name in _HOOK_DICTS[:7]) and module_qualified_name:
+            return True  # tracing through would drop its hooks: keep it a call
         if isinstance(m, ops.TimeDistributed):
             return False
         return super().is_leaf_module(m, module_qualified_name)

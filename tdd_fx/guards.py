@@ -59,6 +59,9 @@ def _atoms_behind(n: fx.Node, shapes: ShapeAnalysis, seen: set[fx.Node]) -> list
             return [a for s in sym if isinstance(s, Sym) for a in s.atoms]
     if isinstance(shapes.values.get(n), torch.Tensor):
         raise UnguardableFact(f"{n.name} is computed from tensor data")
+    if n.op == "placeholder":
+        raise UnguardableFact(f"it depends on the argument {n.name!r}, which is not a tensor "
+                              "size that can be checked")
     out: list[Atom] = []
     for a in n.all_input_nodes:
         out.extend(_atoms_behind(a, shapes, seen))

@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from . import ops
+from ._state import preserved
 from .capture import META_KEYS, graft_tree
 from .guards import Guard, insert_guards
 from .patterns.roles import Role, is_metadata
@@ -138,6 +139,13 @@ def apply(base: fx.GraphModule, candidates: list[Candidate], ranks: dict[str, in
     Returns the module, the name of each candidate's result node (by position), and the guards
     (those the trace relied on, plus those of the applied candidates).
     """
+    with preserved([base]):  # get_attr checks may evaluate parametrizations (power iterations)
+        return _apply(base, candidates, ranks, trace_guards, inputs, cleanup)
+
+
+def _apply(base: fx.GraphModule, candidates: list[Candidate], ranks: dict[str, int],
+           trace_guards: Iterable[Guard], inputs: tuple[Any, ...] | None, cleanup: bool
+           ) -> tuple[fx.GraphModule, dict[int, str], list[str]]:
     graph = copy.deepcopy(base.graph)
     graph._tracer_cls = getattr(base.graph, "_tracer_cls", None)
     # an empty graph first: GraphModule(base, graph) would copy every referenced submodule path

@@ -226,6 +226,29 @@ def _broadcast(shapes: list[Any]) -> SymShape | None:
     return tuple(out)
 
 
+def _conv_shape(x: SymShape, out_channels: int, k: Any, stride: Any, padding: Any,
+                dilation: Any) -> SymShape | None:
+    """Shape of a convolution's output: a spatial size is followed symbolically where the kernel
+    is neutral (1, stride 1, no padding), computed where the input size is a literal."""
+    nd = len(k)
+    if len(x) not in (nd + 1, nd + 2):
+        return None
+    lead = x[:-nd - 1]
+    out = []
+    for i in range(nd):
+        size = x[len(x) - nd + i]
+        pad = padding if isinstance(padding, str) else padding[i]
+        if pad == "valid":
+            pad = 0
+        if pad == "same" or k[i] == 1 and stride[i] == 1 and pad == 0:
+            out.append(size)
+        elif size.is_literal:
+            out.append(Sym.lit((size.coef + 2 * pad - dilation[i] * (k[i] - 1) - 1) // stride[i] + 1))
+        else:
+            return None
+    return tuple(lead) + (Sym.lit(out_channels),) + tuple(out)
+
+
 def _matmul(a: SymShape, b: SymShape) -> SymShape | None:
     """Shape of ``a @ b`` (both at least 2-D; batch dims must already agree or be absent)."""
     if len(a) < 2 or len(b) < 2:
@@ -544,6 +567,15 @@ class ShapeAnalysis(fx.Interpreter):
                 return _unsqueeze(first, _lit(args[1]))
             if f is torch.squeeze:
                 return _squeeze(first, *[_lit(a) for a in args[1:]])
+            if f in (F.conv1d, F.conv2d, F.conv3d) and isinstance(first, tuple):
+                w = self.tensor(n.args[1] if len(n.args) > 1 else n.kwargs.get("weight"))
+                a = dict(zip(["stride", "padding", "dilation"], n.args[3:6])) | dict(n.kwargs)
+                nd = len(first) - 2 if len(first) > 2 else 1
+                tup = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd  # noqa: E731
+                return None if w is None else _conv_shape(
+                    first, w.shape[0], tuple(w.shape[2:]), tup(a.get("stride", 1)),
+                    a.get("padding", 0) if isinstance(a.get("padding", 0), str)
+                    else tup(a.get("padding", 0)), tup(a.get("dilation", 1)))
             if f in (F.linear, torch._C._nn.linear):
                 w = self.tensor(n.args[1] if len(n.args) > 1 else n.kwargs.get("weight"))
                 return None if w is None else first[:-1] + (Sym.lit(w.shape[0]),)
@@ -576,6 +608,9 @@ class ShapeAnalysis(fx.Interpreter):
                 return first
             if isinstance(mod, nn.Embedding):
                 return first + (Sym.lit(mod.embedding_dim),)
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and isinstance(first, tuple):
+                return _conv_shape(first, mod.out_channels, mod.kernel_size, mod.stride,
+                                   mod.padding, mod.dilation)
             if isinstance(mod, (*POINTWISE_MODULES, nn.LayerNorm, nn.Softmax, nn.LogSoftmax,
                                 nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.PReLU)):
                 return first

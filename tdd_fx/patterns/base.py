@@ -35,6 +35,13 @@ class Context:
     def shape(self, node: Any) -> SymShape | None:
         return None if self.shapes is None else self.shapes.shape(node)
 
+    def position(self, node: fx.Node) -> int:
+        """The node's index in graph order (computed once per context)."""
+        order = self.__dict__.get("_order")
+        if order is None:
+            order = self.__dict__["_order"] = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        return order[node]
+
     def module(self, node: fx.Node) -> torch.nn.Module:
         return self.gm.get_submodule(str(node.target))
 

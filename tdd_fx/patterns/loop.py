@@ -196,6 +196,10 @@ def prove(node: fx.Node, ctx: Context) -> Candidate | None:
         return None
     first_body = next((b.body for b in branches if isinstance(b, Branch) and b.body), None)
     if first_body is None:
+        blocked = next((b for b in branches if isinstance(b, str)), None)
+        if blocked:
+            site = _site(node, items[0], items[0], ctx, "rejected", blocked)
+            return Candidate(PATTERN, [site], reason=blocked, nodes=[node.name])
         return None
     dense = [n for n, r in first_body if r is not None and r.kind == "dense"]
     anchor = dense[0] if dense else first_body[0][0]

@@ -272,6 +272,15 @@ def prove(chain: Chain, ctx: Context) -> Candidate | None:
         last_dense = max(i for i, (_, r) in enumerate(body) if r.kind == "dense")
         unfolded = any(r.kind == "reshape" and _is_real_reshape(n) for n, r in body[last_dense:])
         return reject(_restore_reason(cur[:-1], work[:-1], names, unfolded))
+    # the input must not change under the fold: reshape() may be a view (on the example) or a
+    # copy (other strides), so an in-place update of the source between fold and use would make
+    # the two orders differ only on some inputs
+    aliases = [entry] + [n for n, r in zip(ops_, roles) if r.kind in ("reshape", "permute")]
+    lo, hi = ctx.position(ops_[0]), ctx.position(ops_[-1])
+    for a in aliases:
+        for u in a.users:
+            if u not in ops_ and _in_place(u, ctx) and lo < ctx.position(u) < hi:
+                return reject(f"{render_call(u, ctx, names)} modifies the folded tensor in place")
     # every interior tensor must be private to the region (its sizes may feed the region's reshapes)
     inside = set(ops_)
     allowed = inside | _shape_helpers(ops_)
@@ -291,6 +300,18 @@ def prove(chain: Chain, ctx: Context) -> Candidate | None:
         PATTERN, sites, rewrite=_make_rewrite(entry.name, spec, fd, kernel, ctx, work[-1]),
         guards=guards, nodes=[n.name for n in ops_], output=ops_[-1].name,
     )
+
+
+def _in_place(n: fx.Node, ctx: Context) -> bool:
+    if n.op == "call_method":
+        return str(n.target).endswith("_")
+    if n.op == "call_function":
+        name = getattr(n.target, "__name__", "")
+        return name.endswith("_") or name.startswith("i") and name in (
+            "iadd", "isub", "imul", "itruediv") or bool(n.kwargs.get("inplace"))
+    if n.op == "call_module":
+        return bool(getattr(ctx.module(n), "inplace", False))
+    return False
 
 
 def _shape_helpers(region: list[fx.Node]) -> set[fx.Node]:

@@ -59,7 +59,8 @@ def _rank(node: fx.Node, ctx: Context) -> int | None:
 
 
 def _hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks)
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks)
 
 
 def _linear_module(node: fx.Node, ctx: Context) -> str | None:

@@ -122,7 +122,12 @@ class _Session:
         ctx = Context(gm, shapes, _device(self.model, self.inputs))
         ctx.loop_counts = {g.fact for g in self.trace_guards if g.releasable}
         for family in FAMILIES:
-            found = family.find(ctx)
+            try:
+                found = family.find(ctx)
+            except Exception as exc:  # a matcher bug must cost its rewrites, never the model
+                self.report.notes.append(f"the {family.PATTERN} matcher failed ({type(exc).__name__}:"
+                                         f" {exc}); its sites were not examined")
+                continue
             for cand in found:
                 ctx.claimed.update(cand.nodes)
             self.candidates.extend(found)

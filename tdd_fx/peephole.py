@@ -67,9 +67,10 @@ def _is_identity(src: fx.Node, run: list[fx.Node], kind: str, shapes: ShapeAnaly
     if kind == "reshape":
         if shapes is not None:
             a, b = shapes.shape(src), shapes.shape(run[-1])
-            # equal forms, and no "literal == input dim" assumption made along the way
-            return a is not None and a == b and shapes.assumed.get(run[-1], frozenset()) <= \
-                shapes.assumed.get(src, frozenset())
+            # equal forms, computed without any "literal == input dim" assumption (an assumed
+            # size is only true on the example: the reshape would be an identity only there)
+            return a is not None and a == b and not shapes.assumed.get(run[-1]) \
+                and not shapes.assumed.get(src)
         return _syntactic_pair(run)
     rank = None
     if shapes is not None and shapes.shape(src) is not None:

@@ -78,6 +78,12 @@ def emit_region(gm: fx.GraphModule, entry_name: str, spec: list[tuple[str, Role]
                 new = g.call_function(ops.time_distributed_dense, (cur, w, b),
                                       {"feature_dim": fd, "impl": kernel})
                 new.meta["tdd_site"] = op.name
+            elif role.kind == "pointwise" and fd != -1 and _random(gm, op):
+                # a random mask is drawn in memory order: draw it over the same (rows, features)
+                # layout as the original, then put the features back
+                moved = g.call_method("contiguous", (g.call_method("movedim", (cur, fd, -1)),))
+                y = g.node_copy(op, lambda n, d=data_in, c=moved: c if n is d else n)
+                new = g.call_method("movedim", (y, -1, fd))
             elif role.kind == "pointwise" or (role.kind == "lastaxis" and fd == -1):
                 new = g.node_copy(op, lambda n, d=data_in, c=cur: c if n is d else n)
             elif role.kind == "lastaxis":  # names the last axis: lay features last around it
@@ -110,6 +116,13 @@ def emit_region(gm: fx.GraphModule, entry_name: str, spec: list[tuple[str, Role]
     last.replace_all_uses_with(cur)
     erase_dead([op for op, _ in reversed(region)], g)
     return cur
+
+
+def _random(gm: fx.GraphModule, op: fx.Node) -> bool:
+    """Dropout-like ops: their result depends on the memory order of their input."""
+    if op.op == "call_module":
+        return isinstance(gm.get_submodule(str(op.target)), (torch.nn.Dropout, torch.nn.AlphaDropout))
+    return op.target in (F.dropout, F.alpha_dropout)
 
 
 def erase_dead(nodes: Iterable[fx.Node], g: fx.Graph) -> None:

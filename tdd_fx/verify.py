@@ -249,8 +249,8 @@ def _resized(example: Sequence[Any], dims: tuple[int, ...],
             continue
         shape = list(x.shape)
         for d in dims:
-            if d < x.dim() and (i, d) not in fixed and shape[d] > 1:
-                shape[d] = new_size.setdefault(shape[d], shape[d] + 3)
+            if d < x.dim() and (i, d) not in fixed and (shape[d] > 1 or d == 0):
+                shape[d] = new_size.setdefault(shape[d], shape[d] + 3)  # a batch of 1 too
                 changed = True
         out.append(_like(x, shape, g))
     return tuple(out) if changed else None

@@ -42,6 +42,19 @@ class Context:
             order = self.__dict__["_order"] = {n: i for i, n in enumerate(self.gm.graph.nodes)}
         return order[node]
 
+    def assumption_guards(self, nodes: Any) -> list[Guard]:
+        """Guards for the "literal == input dim" facts the shapes of ``nodes`` were computed with."""
+        out: list[Guard] = []
+        if self.shapes is None:
+            return out
+        for n in nodes:
+            if isinstance(n, fx.Node):
+                for atom, value in self.shapes.assumed.get(n, ()):
+                    g = Guard(atom.owner, (atom.dim,), value)
+                    if g not in out:
+                        out.append(g)
+        return out
+
     def module(self, node: fx.Node) -> torch.nn.Module:
         return self.gm.get_submodule(str(node.target))
 

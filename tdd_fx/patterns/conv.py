@@ -131,7 +131,7 @@ def prove(node: fx.Node, spec: ConvSpec, ctx: Context) -> Candidate:
     x_shape = ctx.shape(node.args[0])
     if x_shape is not None and len(x_shape) not in (nd + 1, nd + 2):
         return reject(f"input of rank {len(x_shape)}")
-    guards: list = []
+    guards: list = ctx.assumption_guards([node.args[0]])
     contracted: list[int] = []
     for i in range(nd):
         name = f"dim {i - nd} ({AXIS[nd][i]})" if nd > 1 else "time"

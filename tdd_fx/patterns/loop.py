@@ -305,8 +305,9 @@ def prove(node: fx.Node, ctx: Context) -> Candidate | None:
     # a count read from the input (range(x.size(a)), x.unbind(a)) follows the input: the guard
     # the trace put on it is released; a fixed count (range(6)) stays a guard
     mine = _count_nodes(x, a, rank, helper) & ctx.loop_counts
+    guards_assumed = ctx.assumption_guards([x])
     # the node that reads x for step 0 (x itself may be replaced by an earlier rewrite)
-    guards: list = []
+    guards: list = list(guards_assumed)
     if not mine and not ctx.same_size(shape[a], Sym.lit(len(bs)), guards):
         return reject(f"the loop runs a fixed {len(bs)} steps over an axis whose size "
                       "cannot be guarded")
@@ -373,37 +374,13 @@ def _emit(gm: fx.GraphModule, out_name: str, reader: str, template: list[tuple[s
     while work:
         n = work.pop()
         if n in erased or n.users or n.op not in ("call_method", "call_function", "call_module"):
-            continue
-        if n is not out and not _pure(n, gm):
-            continue
+            continue  # what still has users (x itself) stays; what fed only the steps goes
         inputs = list(n.all_input_nodes)
         g.erase_node(n)
         erased.add(n)
         work.extend(inputs)
     del erase_dead
     return cur
-
-
-IMPURE = frozenset({F.dropout, F.alpha_dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-                    torch.rand, torch.randn, torch.randint, torch.bernoulli, torch.multinomial,
-                    torch.rand_like, torch.randn_like, torch.normal})
-
-
-def _pure(n: fx.Node, gm: fx.GraphModule) -> bool:
-    """Dead nodes that are safe to erase: anything without side effects or random draws (the
-    step bodies we re-rolled are made of roles: layers, pointwise ops, views, arithmetic)."""
-    if n.op == "call_module":
-        return classify_free(gm.get_submodule(str(n.target)))
-    if n.op == "call_method":
-        return not str(n.target).endswith("_") and n.target not in ("bernoulli", "uniform",
-                                                                     "normal", "random")
-    return n.target not in IMPURE and not getattr(n.target, "__name__", "").endswith("_")
-
-
-def classify_free(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear, nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.Identity,
-                          nn.LayerNorm, nn.SiLU, nn.ELU, nn.LeakyReLU)) or (
-        isinstance(m, (nn.Dropout, nn.modules.batchnorm._BatchNorm)) and not m.training)
 
 
 def find(ctx: Context) -> list[Candidate]:

@@ -28,6 +28,7 @@ import torch.fx as fx
 from .. import ops
 from ..capture import META_KEYS, node_location, node_module_path
 from ..report import Site
+from ..shapes import Sym
 from .base import Candidate, Context
 from .roles import constant_base
 
@@ -180,6 +181,14 @@ def prove(node: fx.Node, ctx: Context) -> Candidate | None:
         other = users[0].args[1] if users[0].args[0] is node else users[0].args[0]
         if out_features and _bias_ok(other, out_features, fd, ctx, users[0]) is not None:
             add, bias_base = users[0], _bias_ok(other, out_features, fd, ctx, users[0])
+    guards = ctx.assumption_guards([x])
+    xs, ws = ctx.shape(x), ctx.shape(w)
+    if xs is not None and ws is not None:  # the contracted sizes must agree for every input:
+        in_features = (ws[0] if w_in_out else ws[1]).value  # einsum would broadcast a size 1
+        if not ctx.same_size(xs[fd], Sym.lit(in_features), guards):
+            reason = "the contracted axis' size is not the weight's: not rewritten"
+            return Candidate(PATTERN, [_site(node, x, ctx, "rejected", reason)], reason=reason,
+                             nodes=[node.name])
     rank = _rank(x, ctx) or 3
     # keep what the hand-written product computed (bmm/baddbmm, W @ x) unless measured otherwise
     mirror = {"baddbmm": "baddbmm", "bmm": "baddbmm", "matmul": "matmul"}.get(
@@ -194,7 +203,9 @@ def prove(node: fx.Node, ctx: Context) -> Candidate | None:
                      w_in_out, fd, kernel)
 
     nodes = [node.name] + ([add.name] if add is not None else [])
-    return Candidate(PATTERN, [site], rewrite=rewrite, nodes=nodes, output=nodes[-1])
+    site.guards = [str(g) for g in guards]
+    return Candidate(PATTERN, [site], rewrite=rewrite, nodes=nodes, output=nodes[-1],
+                     guards=guards)
 
 
 def _emit(gm: fx.GraphModule, names: tuple[str, str | None], x: tuple[int, int | None], w: str,

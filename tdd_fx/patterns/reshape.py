@@ -208,8 +208,13 @@ def prove(chain: Chain, ctx: Context) -> Candidate | None:
         for n, r in zip(ops_[:pre], roles[:pre]):
             labels = _perm_of(n, labels) if r.kind == "permute" else labels
         after = labels
-        for n, r in zip(ops_[post:], roles[post:]):
-            after = _perm_of(n, after) if r.kind == "permute" else after
+        # the closing transposes act on the region's output: only a pair if it has x's rank
+        exit_in = ctx.shape(ops_[post - 1]) if post > 0 else None
+        if exit_in is not None and len(exit_in) == rank:
+            for n, r in zip(ops_[post:], roles[post:]):
+                after = _perm_of(n, after) if r.kind == "permute" else after
+        else:
+            after = ()
     channel_first = bool(rank) and labels != ident and after == ident
     entry = chain.entry
     if channel_first:

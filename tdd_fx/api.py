@@ -260,9 +260,12 @@ class _Session:
         def visit(module: nn.Module, prefix: str) -> None:
             for name, child in module.named_children():
                 path = prefix + name
-                args = calls.get(path)
-                if args is None:
-                    continue  # never called on these inputs, or called with keywords
+                if path not in calls:
+                    continue  # never called on these inputs
+                args = calls[path]
+                if args is None:  # called with keywords or non-tensors: look inside it
+                    visit(child, path + ".")
+                    continue
                 if _is_standard_layer(child):
                     if isinstance(child, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                         parts.append((path, _Session(child, args, self.report.mode)))
@@ -401,7 +404,7 @@ def _record_calls(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, tuple[
     finally:
         for h in handles:
             h.remove()
-    return {k: v for k, v in calls.items() if v is not None}
+    return calls
 
 
 def _kernels_in_graph(gm: fx.GraphModule, report: Report) -> None:

@@ -165,7 +165,11 @@ class ShapeAwareTracer(TddTracer):
         if kind == "placeholder":
             i = self._placeholders
             self._placeholders += 1
-            value = self.inputs[i] if i < len(self.inputs) else (args[0] if args else None)
+            if str(target).startswith("*") and not str(target).startswith("**"):
+                value = tuple(self.inputs[i:])  # forward(self, *xs): all the rest
+                self._placeholders = len(self.inputs)
+            else:
+                value = self.inputs[i] if i < len(self.inputs) else (args[0] if args else None)
         else:
             value = self._evaluate(kind, target, args, kwargs)
         self.values[p.node] = value

@@ -34,7 +34,7 @@ from ..capture import META_KEYS, node_location, node_module_path
 from ..report import Site
 from ..shapes import Sym
 from .base import Candidate, Context
-from .roles import Role, classify
+from .roles import Role, classify, is_metadata
 
 PATTERN = "loop"
 STACKS = frozenset({torch.stack, torch.cat, torch.concat, torch.concatenate})
@@ -164,7 +164,7 @@ def _reaches(node: fx.Node, target: fx.Node, limit: int = 64) -> bool:
         if n in seen:
             continue
         seen.add(n)
-        stack.extend(n.all_input_nodes)
+        stack.extend(a for a in n.all_input_nodes if not is_metadata(a))  # sizes are not data
     return False
 
 

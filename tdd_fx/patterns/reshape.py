@@ -291,7 +291,7 @@ def prove(chain: Chain, ctx: Context) -> Candidate | None:
     allowed = inside | _shape_helpers(ops_)
     for n in ops_[:-1]:
         for u in n.users:
-            if u not in allowed:
+            if u not in allowed and not (is_metadata(u) and not u.users):  # a dead shape read
                 return reject(f"the intermediate {n.name} is also used outside the fold")
     fd = labels[-1] if channel_first else -1
     # linear between transposes is what the channel-first sandwich computed: keep it by default

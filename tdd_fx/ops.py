@@ -41,6 +41,12 @@ def _linear_between_transposes(x: Tensor, w: Tensor, b: Tensor | None, d: int) -
     return F.linear(x.movedim(d, -1), w, b).movedim(-1, d)
 
 
+def _linear_contiguous(x: Tensor, w: Tensor, b: Tensor | None, d: int) -> Tensor:
+    """Features last *copied* to contiguous rows first, as the hand-written channel-first sandwich
+    ``x.transpose(1, 2).reshape(-1, F)`` did (faster than a strided linear for bfloat16 on CPU)."""
+    return F.linear(x.movedim(d, -1).contiguous(), w, b).movedim(-1, d)
+
+
 def _matmul(x: Tensor, w: Tensor, b: Tensor | None, d: int) -> Tensor:
     # (out, in) @ (..., in, rest) -> (..., out, rest); only valid when d == ndim - 2 or the
     # rest is folded: we fold every axis after d into one.
@@ -76,6 +82,7 @@ def _conv(x: Tensor, w: Tensor, b: Tensor | None, d: int) -> Tensor:
 KERNELS: dict[str, Callable[[Tensor, Tensor, Tensor | None, int], Tensor]] = {
     "linear": _linear_last,
     "linear_t": _linear_between_transposes,
+    "linear_tc": _linear_contiguous,
     "matmul": _matmul,
     "baddbmm": _baddbmm,
     "conv": _conv,
@@ -84,29 +91,30 @@ KERNELS: dict[str, Callable[[Tensor, Tensor, Tensor | None, int], Tensor]] = {
 
 
 def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu",
-                  prefer: str | None = None) -> str:
+                  prefer: str | None = None, dtype: torch.dtype | None = None) -> str:
     """Heuristic kernel choice (used when no measurement is asked for).
 
     Features on the last axis: ``linear`` (this *is* ``nn.Linear``; nothing is faster).
-    Features on axis 1 of a 3-D ``(B, F, T)`` input: on CUDA ``conv1d``, the most frequent winner
-    in the H100 measurements of ``shared/anchors``; on CPU ``baddbmm`` (weight expanded over the
-    batch), which in our 2-core measurements (``benchmarks/results``) was the best or within 1.7x
-    of the best kernel at every shape, where ``linear_t`` reached 2.1x and ``conv1d`` 3.7x.  No
-    kernel wins everywhere: ``optimize(..., autotune=True)`` measures instead.  Other layouts:
-    ``linear_t`` (linear between two free transposes).
-
-    ``prefer`` names the kernel that mirrors the code being replaced (a pointwise ``Conv1d`` is
-    already ``conv``; ``x.transpose(1, 2)`` -> Linear -> transpose is ``linear_t``): a rewrite
-    without measurement keeps it, so it is never slower than the original.  The heuristic above is
-    for forms whose own computation is the slow part (``Conv2d(1, O, (F, 1))``, per-step loops).
+    Features on axis 1 of a 3-D ``(B, F, T)`` input, in float32/float64: ``conv`` (a size-1
+    convolution; oneDNN on CPU, cuDNN on CUDA) — on this CPU it ran at 0.52-0.66x the time of
+    ``nn.Linear`` on the same data laid out ``(B, T, F)``, forward and training step, and it was
+    the most frequent winner in the H100 measurements of ``shared/anchors``.  In reduced precision
+    on CPU no kernel reaches ``nn.Linear``'s speed on channel-first data; there a rewrite keeps
+    ``prefer`` — the kernel that mirrors the code being replaced (a ``Conv1d`` is ``conv``, a
+    transpose-reshape-Linear sandwich is ``linear_tc``) — so it is never slower than the original,
+    and ``baddbmm`` for forms whose own computation is the slow part (``Conv2d(1, O, (F, 1))``,
+    loops).  ``optimize(..., autotune=True)`` measures instead (``benchmarks/results``).
     """
     d = feature_dim % ndim if ndim else feature_dim
     if ndim == 0 or d == ndim - 1:
         return "linear"
+    full = dtype is None or dtype in (torch.float32, torch.float64)
+    if d == 1 and 3 <= ndim <= 5 and (full or torch.device(device).type == "cuda"):
+        return "conv"
     if prefer is not None:
         return prefer
     if ndim == 3 and d == 1:
-        return "conv" if torch.device(device).type == "cuda" else "baddbmm"
+        return "baddbmm"
     return "linear_t"
 
 

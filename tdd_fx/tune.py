@@ -60,7 +60,7 @@ def candidates_for(ndim: int, feature_dim: int) -> list[str]:
     d = feature_dim % ndim
     if d == ndim - 1:
         return ["linear"]
-    names = ["linear_t", "matmul"]
+    names = ["linear_t", "linear_tc", "matmul"]
     if ndim == 3 and d == 1:
         names.append("baddbmm")
     if d == 1 and 3 <= ndim <= 5:

@@ -33,7 +33,7 @@ def test_autotune_measures_every_kernel_and_fixes_the_fastest(mode: str) -> None
     opt = tdd_fx.optimize(model, (_x(),), autotune=True, mode=mode, keep_canonical=True)
     report = opt.tdd_report
     (site,) = report.rewritten
-    assert set(site.kernel_ms) == {"linear_t", "matmul", "baddbmm", "conv"}
+    assert set(site.kernel_ms) == {"linear_t", "linear_tc", "matmul", "baddbmm", "conv"}
     assert site.kernel == min(site.kernel_ms, key=site.kernel_ms.__getitem__)
     impls = [n.kwargs["impl"] for n in opt.graph.nodes if n.target is time_distributed_dense]
     assert impls == [site.kernel]

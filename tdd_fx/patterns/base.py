@@ -35,6 +35,10 @@ class Context:
     def shape(self, node: Any) -> SymShape | None:
         return None if self.shapes is None else self.shapes.shape(node)
 
+    def dtype(self, node: Any) -> torch.dtype | None:
+        t = self.shapes.tensor(node) if self.shapes is not None else None
+        return None if t is None else t.dtype
+
     def position(self, node: fx.Node) -> int:
         """The node's index in graph order (computed once per context)."""
         order = self.__dict__.get("_order")

@@ -162,11 +162,12 @@ def prove(node: fx.Node, spec: ConvSpec, ctx: Context) -> Candidate:
     if contracted:
         axis = contracted[0] - nd  # negative index of the contracted axis
         fd = axis
-        kernel = ops.choose_kernel(fd, rank - 1, ctx.device)
+        kernel = ops.choose_kernel(fd, rank - 1, ctx.device, dtype=ctx.dtype(node.args[0]))
     else:  # pointwise: the conv kernel *is* the original computation — never slower
         axis = None
         fd = -(nd + 1)
-        kernel = ops.choose_kernel(fd, rank, ctx.device, prefer="conv")
+        kernel = ops.choose_kernel(fd, rank, ctx.device, prefer="conv",
+                                   dtype=ctx.dtype(node.args[0]))
     fd_shown = fd % (rank - (1 if contracted else 0))
     site = _site(node, ctx, "found", "", fd_shown, kernel)
     site.guards = [str(g) for g in guards]

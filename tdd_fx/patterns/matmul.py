@@ -193,7 +193,7 @@ def prove(node: fx.Node, ctx: Context) -> Candidate | None:
     # keep what the hand-written product computed (bmm/baddbmm, W @ x) unless measured otherwise
     mirror = {"baddbmm": "baddbmm", "bmm": "baddbmm", "matmul": "matmul"}.get(
         getattr(node.target, "__name__", str(node.target)))
-    kernel = ops.choose_kernel(fd, rank, ctx.device, prefer=mirror)
+    kernel = ops.choose_kernel(fd, rank, ctx.device, prefer=mirror, dtype=ctx.dtype(x))
     site = _site(add or node, x, ctx, "found", "", fd % rank, kernel)
     names = (node.name, add.name if add is not None else None)
     where = _locate(node, x)

@@ -294,8 +294,8 @@ def prove(chain: Chain, ctx: Context) -> Candidate | None:
             if u not in allowed and not (is_metadata(u) and not u.users):  # a dead shape read
                 return reject(f"the intermediate {n.name} is also used outside the fold")
     fd = labels[-1] if channel_first else -1
-    # linear between transposes is what the channel-first sandwich computed: keep it by default
-    kernel = ops.choose_kernel(fd, rank, ctx.device, prefer="linear_t")
+    # the channel-first sandwich copied rows contiguous, then ran linear: that is the mirror
+    kernel = ops.choose_kernel(fd, rank, ctx.device, prefer="linear_tc", dtype=ctx.dtype(entry))
     sites = _sites(chain, ctx, "found", "", fd)
     for s in sites:
         s.kernel = kernel

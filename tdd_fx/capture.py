@@ -181,7 +181,12 @@ class ShapeAwareTracer(TddTracer):
 
     def _evaluate(self, kind: str, target: Any, args: Any, kwargs: Any) -> Any:
         a, k = self.value(tuple(args)), self.value(dict(kwargs))
-        with _unpatched():  # run real code, not the tracer's patched Module.__call__
+        if kind == "call_method" or (
+                kind == "call_function" and (target is getattr
+                                             or getattr(target, "__module__", "") == "_operator")):
+            return self._run(kind, target, a, k)  # no patched code on these paths: skip the
+            # (costly) unpatch/repatch of the tracer's class attributes
+        with _unpatched():  # a layer's forward: real code, not the tracer's Module.__call__
             return self._run(kind, target, a, k)
 
     def _run(self, kind: str, target: Any, a: Any, k: Any) -> Any:

@@ -141,6 +141,8 @@ def _sink_permute(gm: fx.GraphModule, z: fx.Node, shapes: ShapeAnalysis) -> bool
 def simplify(gm: fx.GraphModule, inputs: tuple[Any, ...] | None = None,
              erase: Any = None) -> int:
     """Remove identity runs of view ops; returns how many runs were removed."""
+    if not any(_category(n) in ("reshape", "permute") for n in gm.graph.nodes):
+        return 0  # nothing to simplify: skip the shape analysis (a run of the whole graph)
     shapes = None
     if inputs is not None:
         shapes = ShapeAnalysis(gm)

@@ -59,6 +59,21 @@ class Context:
                         out.append(g)
         return out
 
+    def site(self, pattern: str, status: str, at: fx.Node, x: Any, out: fx.Node,
+             reason: str = "", fd: int | None = None, kernel: str = "") -> Site:
+        """A report row: ``where`` from the node ``at`` (module path and the user's line), the
+        shapes of the input ``x`` and of the result ``out``."""
+        from ..capture import node_location, node_module_path
+
+        module, source = node_module_path(at), node_location(at)
+        t_in = self.shapes.tensor(x) if self.shapes else None
+        t_out = self.shapes.tensor(out) if self.shapes else None
+        return Site(pattern, status, (module or at.name) + (f" ({source})" if source else ""),  # type: ignore[arg-type]
+                    reason=reason, module=module, source=source, node=out.name,
+                    in_shape=None if t_in is None else tuple(t_in.shape),
+                    out_shape=None if t_out is None else tuple(t_out.shape), feature_dim=fd,
+                    kernel=kernel)
+
     def module(self, node: fx.Node) -> torch.nn.Module:
         return self.gm.get_submodule(str(node.target))
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..capture import META_KEYS, node_location, node_module_path
+from ..capture import META_KEYS
 from ..report import Site
 from ..shapes import Sym
 from .base import Candidate, Context
@@ -101,15 +101,7 @@ def _is_constant(n: Any) -> bool:
 
 def _site(node: fx.Node, ctx: Context, status: str, reason: str, fd: int | None = None,
           kernel: str = "") -> Site:
-    module = node_module_path(node)
-    source = node_location(node)
-    t_in = ctx.shapes.tensor(node.args[0]) if ctx.shapes else None
-    t_out = ctx.shapes.tensor(node) if ctx.shapes else None
-    return Site(PATTERN, status, (module or node.name) + (f" ({source})" if source else ""),  # type: ignore[arg-type]
-                reason=reason, module=module, source=source, node=node.name,
-                in_shape=None if t_in is None else tuple(t_in.shape),
-                out_shape=None if t_out is None else tuple(t_out.shape), feature_dim=fd,
-                kernel=kernel)
+    return ctx.site(PATTERN, status, node, node.args[0], node, reason, fd, kernel)
 
 
 def prove(node: fx.Node, spec: ConvSpec, ctx: Context) -> Candidate:

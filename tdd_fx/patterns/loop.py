@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..capture import META_KEYS, node_location, node_module_path
+from ..capture import META_KEYS
 from ..report import Site
 from ..shapes import Sym
 from .base import Candidate, Context
@@ -170,14 +170,7 @@ def _reaches(node: fx.Node, target: fx.Node, limit: int = 64) -> bool:
 
 def _site(node: fx.Node, first: fx.Node, x: fx.Node, ctx: Context, status: str,
           reason: str) -> Site:
-    module = node_module_path(first)
-    source = node_location(first)
-    t_in = ctx.shapes.tensor(x) if ctx.shapes else None
-    t_out = ctx.shapes.tensor(node) if ctx.shapes else None
-    return Site(PATTERN, status, (module or first.name) + (f" ({source})" if source else ""),  # type: ignore[arg-type]
-                reason=reason, module=module, source=source, node=node.name,
-                in_shape=None if t_in is None else tuple(t_in.shape),
-                out_shape=None if t_out is None else tuple(t_out.shape), feature_dim=-1)
+    return ctx.site(PATTERN, status, first, x, node, reason, fd=-1)
 
 
 def prove(node: fx.Node, ctx: Context) -> Candidate | None:

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from .. import ops
-from ..capture import META_KEYS, node_location, node_module_path
+from ..capture import META_KEYS
 from ..report import Site
 from ..shapes import Sym
 from .base import Candidate, Context
@@ -38,15 +38,7 @@ MATMULS = frozenset({torch.matmul, operator.matmul, torch.bmm})
 
 def _site(node: fx.Node, x: Any, ctx: Context, status: str, reason: str = "",
           fd: int | None = None, kernel: str = "") -> Site:
-    module = node_module_path(node)
-    source = node_location(node)
-    t_in = ctx.shapes.tensor(x) if ctx.shapes else None
-    t_out = ctx.shapes.tensor(node) if ctx.shapes else None
-    return Site(PATTERN, status, (module or node.name) + (f" ({source})" if source else ""),  # type: ignore[arg-type]
-                reason=reason, module=module, source=source, node=node.name,
-                in_shape=None if t_in is None else tuple(t_in.shape),
-                out_shape=None if t_out is None else tuple(t_out.shape), feature_dim=fd,
-                kernel=kernel)
+    return ctx.site(PATTERN, status, node, x, node, reason, fd, kernel)
 
 
 def _rank(n: Any, ctx: Context) -> int | None:
@@ -195,6 +187,7 @@ def prove(node: fx.Node, ctx: Context) -> Candidate | None:
         getattr(node.target, "__name__", str(node.target)))
     kernel = ops.choose_kernel(fd, rank, ctx.device, prefer=mirror, dtype=ctx.dtype(x))
     site = _site(add or node, x, ctx, "found", "", fd % rank, kernel)
+    site.node = node.name  # the product: what the canonical node records as its site
     names = (node.name, add.name if add is not None else None)
     where = _locate(node, x)
 

@@ -122,3 +122,33 @@ def test_done_criterion_wrapper_chain() -> None:
     assert list(opt.state_dict()) == list(model.state_dict())
     assert_equivalent(opt, model, (x,))
     assert "td.fc1 (" in str(report) and "rewritten" in str(report)
+
+
+def test_region_stops_where_the_next_wrapper_begins() -> None:
+    """TimeDistributed(Linear) then TimeDistributed(module with two parallel Linears): the first
+    wrapper's region would run on into the second's fold (which is not provable); it is cut at
+    the first wrapper's unfold instead of being rejected whole."""
+
+    class TD(torch.nn.Module):
+        def __init__(self, m: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = m
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.module(x.contiguous().view(-1, x.size(-1)))
+            return y.contiguous().view(x.size(0), -1, y.size(-1))
+
+    class GLU(torch.nn.Module):
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(self.fc1(x)) * self.fc2(x)
+
+    model = torch.nn.Sequential(TD(torch.nn.Linear(6, 5)), TD(GLU(5)))
+    x = torch.randn(3, 10, 6)
+    opt = tdd_fx.optimize(model, (x,))
+    assert [(s.module, s.status) for s in opt.tdd_report.sites] == [("0.module", "rewritten")]
+    assert_equivalent(opt, model, (x,))
+    assert_equivalent(opt, model, (torch.randn(2, 7, 6),))

@@ -234,10 +234,6 @@ def test_tft_grn_time_distributed_linears(tft):
     check_optimized(opt, model, x, (torch.randn(2, 7, 6), torch.randn(2, 7, 4)))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: TimeDistributed(Linear) followed by TimeDistributed(GatedLinearUnit): the reshape "
-    "chain runs through fc2's unfold into the GLU's fold and rejects fc2 with 'unfold restores "
-    "leading axes (B·T) but the fold merged (B, T): a different split' (it is a plain site)"))
 def test_tft_grn_fc2_before_gate(tft):
     model = tft.GatedResidualNetwork(6, 8, 5, dropout=0.1, context_dim=4)
     report = tdd_fx.audit(model, (torch.randn(3, 10, 6), torch.randn(3, 10, 4)))

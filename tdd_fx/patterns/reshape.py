@@ -261,19 +261,37 @@ def prove(chain: Chain, ctx: Context) -> Candidate | None:
             for atom, value in ctx.shapes.assumed.get(n, ()):
                 guards.append(Guard(atom.owner, (atom.dim,), value))
     cur = work
-    for n, r in body:
+    restored: list[int] = []  # body positions where the rows are back to the input's axes
+    seen_dense = False
+
+    def shorter() -> Candidate | None:
+        """The region up to the last point where it was proved whole (the rest, e.g. the next
+        wrapper's fold, stays as it is)."""
+        if not restored or channel_first or restored[-1] >= len(body) - 1:
+            return None
+        return prove(Chain(entry, ops_[: restored[-1] + 1], roles[: restored[-1] + 1]), ctx)
+
+    for i, (n, r) in enumerate(body):
         if r.kind == "permute":
-            return reject(f"{render_call(n, ctx, names)} moves axes inside the fold")
+            return shorter() or reject(f"{render_call(n, ctx, names)} moves axes inside the fold")
         out = ctx.shape(n)
         if out is None:
-            return reject(f"the shape of {n.name} is unknown")
+            return shorter() or reject(f"the shape of {n.name} is unknown")
         if (r.kind == "reshape" and _is_real_reshape(n)
                 and not ctx.same_size(out[-1], cur[-1], guards)):
-            return reject(_feature_reason(render_call(n, ctx, names), cur[-1], out[-1], names))
+            return shorter() or reject(
+                _feature_reason(render_call(n, ctx, names), cur[-1], out[-1], names))
         cur = out
+        seen_dense = seen_dense or r.kind == "dense"
+        if seen_dense and r.kind == "reshape" and _is_real_reshape(n) and len(cur) == len(work) and all(
+                a == b for a, b in zip(cur[:-1], work[:-1])):
+            restored.append(i)
     if len(cur) != len(work) or not all(
         ctx.same_size(a, b, guards) for a, b in zip(cur[:-1], work[:-1])
     ):
+        cut = shorter()
+        if cut is not None:
+            return cut
         last_dense = max(i for i, (_, r) in enumerate(body) if r.kind == "dense")
         unfolded = any(r.kind == "reshape" and _is_real_reshape(n) for n, r in body[last_dense:])
         return reject(_restore_reason(cur[:-1], work[:-1], names, unfolded))

@@ -277,6 +277,47 @@ def node_module_path(node: fx.Node) -> str:
     return ""
 
 
+def _none_defaults_beyond(root: nn.Module, n: int) -> dict[str, Any]:
+    """Parameters after the example inputs with a ``None``/bool/number/str default: the trace
+    binds them to it (as the example run did), so ``if mask is not None:`` or ``if inference:``
+    take the branch the example took; a guard checks the value on each call."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(root.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return {}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    rest = positional[n:] + [p for p in params if p.kind == p.KEYWORD_ONLY]
+    return {p.name: p.default for p in rest
+            if p.default is None or type(p.default) in (bool, int, float, str)}
+
+
+def _guard_nones(graph: fx.Graph, bound: dict[str, Any]) -> None:
+    """fx names such placeholders ``mask_1`` and checks them with an assert; keep the user's
+    argument name (keyword calls) and make the check one of our guards (so the optimized module
+    falls back to the original when a mask is passed)."""
+    checked = set()
+    for node in list(graph.nodes):
+        if node.op == "call_function" and getattr(node.target, "__name__", "") == \
+                "_assert_is_none":
+            arg = node.args[0]
+            name = str(arg.target)[:-2] if isinstance(arg, fx.Node) else str(arg)
+            node.target, node.args = ops.check_none, (arg, name, None)
+            checked.add(name)
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and str(node.target).endswith("_1") and \
+                str(node.target)[:-2] in bound:
+            original = str(node.target)[:-2]
+            node.target = original
+            node._rename(original)
+            if original not in checked:  # fx checks only None: the other values, we do
+                with graph.inserting_after(node):
+                    graph.call_function(ops.check_none, (node, original, bound[original]))
+
+
 @dataclass
 class Captured:
     gm: fx.GraphModule
@@ -291,15 +332,18 @@ def capture(model: nn.Module, example_inputs: tuple[Any, ...] | None = None) -> 
     """
     root = copy_module_tree(model)
     tracer = TddTracer() if example_inputs is None else ShapeAwareTracer(example_inputs)
+    nones = _none_defaults_beyond(root, len(example_inputs)) if example_inputs is not None else {}
     try:
         with preserved([root]), torch.no_grad():
-            graph = tracer.trace(root)
+            graph = tracer.trace(root, concrete_args=nones or None)
     except Exception as exc:  # fx raises many types; all mean "cannot trace this code"
         where = user_location("".join(traceback.format_tb(exc.__traceback__)))
         raise CaptureError(
             f"cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}"
             + (f" (at {where})" if where else "")
         ) from exc
+    if nones:
+        _guard_nones(graph, nones)
     for node in graph.nodes:  # `from __future__ import annotations` leaves str types, which
         if isinstance(node.type, str):  # the generated code cannot pickle (pytorch#167117)
             node.type = None

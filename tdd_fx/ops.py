@@ -26,6 +26,7 @@ __all__ = [
     "KERNELS",
     "TimeDistributed",
     "check_input",
+    "check_none",
     "choose_kernel",
     "time_distributed_dense",
 ]
@@ -177,6 +178,17 @@ def check_input(
                 f"tdd_fx: the rewrite relied on {what} == {value}, got {got} (shape "
                 f"{tuple(x.shape)}; optimize() again for such inputs)"
             )
+    return x
+
+
+@_fx_leaf
+def check_none(x: Any, name: str, default: Any = None) -> Any:
+    """Guard for an argument the trace took at its default (``None``, ``False``, ``1.0``:
+    ``if mask is not None:`` went the default's way): any other value was not traced."""
+    if not (x is default or (type(x) is type(default) and x == default)):
+        raise GuardError(f"tdd_fx: the argument {name!r} was traced at its default {default!r}, "
+                         f"got {type(x).__name__} (optimize() again with it among the example "
+                         "inputs)")
     return x
 
 

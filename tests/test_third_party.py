@@ -177,13 +177,6 @@ def test_tcn_conditioning_embeddings_no_spurious_loop_sites(pytorch_tcn):
     assert not [s for s in report.sites if s.pattern == "loop"], str(report)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: forward parameters after the example inputs are traced as placeholders instead of "
-    "being bound to their defaults: TCN(x) takes the `if embeddings is not None` branch "
-    "(pytorch_tcn/tcn.py) and the trace fails, and TCN(x, embeddings) stops at "
-    "`if inference and ...` ('control flow on the argument inference'); the submodule fallback "
-    "then skips the TemporalBlocks, called with keyword arguments, without descending into "
-    "them: of the pointwise convs only projection_out is found"))
 @pytest.mark.parametrize("conditioned", [False, True])
 def test_tcn_called_directly_finds_the_downsample_convs(pytorch_tcn, conditioned):
     kwargs = dict(embedding_shapes=[(3,)], embedding_mode="add") if conditioned else {}

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 
@@ -21,6 +19,7 @@ import torch
 from tabulate import tabulate
 
 import tdd_fx
+from tdd_fx.tune import compare_models
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -45,12 +44,6 @@ def _models() -> dict[str, tuple[torch.nn.Module, tuple[torch.Tensor, ...]]]:
     }
 
 
-def step(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-    out = model(*inputs)
-    outs = out if isinstance(out, tuple) else (out,)
-    sum(o.float().sum() for o in outs).backward()
-
-
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--rounds", type=int, default=5)
@@ -59,15 +52,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     for name, (model, inputs) in _models().items():
         model.train()
         opt = tdd_fx.optimize(model, inputs)
-        times: dict[str, list[float]] = {"original": [], "optimized": []}
-        for m in (model, opt):
-            step(m, inputs)  # warm-up
-        for _ in range(args.rounds):
-            for label, m in (("original", model), ("optimized", opt)):
-                t0 = time.perf_counter()
-                step(m, inputs)
-                times[label].append(time.perf_counter() - t0)
-        a, b = (statistics.median(times[k]) for k in ("original", "optimized"))
+        a, b, _ = compare_models(model, opt, inputs, train=True, rounds=args.rounds, repeats=3)
         report = opt.tdd_report
         rows.append({"model": name, "sites rewritten": len(report.rewritten),
                      "original ms": round(a * 1e3, 1), "optimized ms": round(b * 1e3, 1),

@@ -8,13 +8,11 @@ the report of ``optimize``, and checks that the optimized model trains the same 
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 from torch import nn
 
 import tdd_fx
+from tdd_fx.tune import compare_models
 
 
 class TimeDistributed(nn.Module):
@@ -91,33 +89,16 @@ def main() -> None:
     same_keys = list(model.state_dict()) == list(optimized.state_dict())
     print(f"\nparameters shared with the original: {shared}; same state_dict keys: {same_keys}")
 
-    times = training_step_times({"original": model, "optimized": optimized}, inputs)
-    print(f"training step (forward + backward, median of {TIMING_REPEATS}): original "
-          f"{times['original'] * 1e3:.2f} ms, optimized {times['optimized'] * 1e3:.2f} ms, "
-          f"speed-up {times['original'] / times['optimized']:.2f}x")
+    before, after, _ = compare_models(model, optimized, inputs, train=True, rounds=1,
+                                      repeats=TIMING_REPEATS)
+    shape = "x".join(map(str, inputs[0].shape))
+    print(f"training step (forward + backward, input {shape}, median of {TIMING_REPEATS}):")
+    print(f"  original   {before * 1e3:8.1f} ms")
+    print(f"  optimized  {after * 1e3:8.1f} ms")
+    print(f"  speed-up   {before / after:8.2f}x")
 
 
-TIMING_REPEATS = 9
-
-
-def training_step_times(models: dict[str, nn.Module], inputs: tuple[torch.Tensor, ...]
-                        ) -> dict[str, float]:
-    """Median seconds of one forward + backward per model, interleaved in one run."""
-
-    def step(m: nn.Module) -> float:
-        m.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        m(*inputs).square().mean().backward()
-        return time.perf_counter() - t0
-
-    for m in models.values():  # warm-up
-        step(m)
-    samples: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(TIMING_REPEATS):
-        for name, m in models.items():
-            samples[name].append(step(m))
-    return {name: statistics.median(v) for name, v in samples.items()}
-
+TIMING_REPEATS = 9  # training steps timed per model (median reported)
 
 if __name__ == "__main__":
     main()

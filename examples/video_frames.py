@@ -23,13 +23,11 @@ The sites:
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 from torch import nn
 
 import tdd_fx
+from tdd_fx.tune import compare_models
 
 FRAMES = 16
 BATCH = 8
@@ -82,28 +80,6 @@ def example_inputs(batch: int | None = None, frames: int | None = None) -> tuple
     return (torch.randn(batch, frames, FEATURES, generator=g),)
 
 
-def training_step_times(models: dict[str, nn.Module], inputs: tuple[torch.Tensor, ...],
-                        repeats: int) -> dict[str, float]:
-    """Median seconds of forward + backward per model, runs interleaved so that both models see
-    the same machine state."""
-
-    def step(m: nn.Module) -> float:
-        m.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        clip, scores = m(*inputs)
-        (clip.square().mean() + scores.square().mean()).backward()
-        return time.perf_counter() - t0
-
-    for m in models.values():  # warm-up
-        m.train()
-        step(m)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, m in models.items():
-            times[name].append(step(m))
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def main() -> None:
     model = build()
     inputs = example_inputs()
@@ -119,13 +95,13 @@ def main() -> None:
     same_keys = list(model.state_dict()) == list(optimized.state_dict())
     print(f"\nparameters shared with the original: {shared}; same state_dict keys: {same_keys}")
 
-    t = training_step_times({"original": model, "optimized": optimized}, inputs, TIMING_REPEATS)
+    before, after, _ = compare_models(model, optimized, inputs, train=True, rounds=1,
+                                      repeats=TIMING_REPEATS)
     shape = "x".join(map(str, inputs[0].shape))
     print(f"\ntraining step (forward + backward, input {shape}, median of {TIMING_REPEATS}):")
-    print(f"  original   {t['original'] * 1e3:8.1f} ms")
-    print(f"  optimized  {t['optimized'] * 1e3:8.1f} ms")
-    print(f"  speed-up   {t['original'] / t['optimized']:8.2f}x")
-
+    print(f"  original   {before * 1e3:8.1f} ms")
+    print(f"  optimized  {after * 1e3:8.1f} ms")
+    print(f"  speed-up   {before / after:8.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -97,7 +97,7 @@ def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu
 
     Features on the last axis: ``linear`` (this *is* ``nn.Linear``; nothing is faster).
     Features on axis 1 of a 3-D ``(B, F, T)`` input, in float32/float64: ``conv`` (a size-1
-    convolution; oneDNN on CPU, cuDNN on CUDA) — on this CPU it ran at 0.52-0.66x the time of
+    convolution; oneDNN on CPU, cuDNN on CUDA) — on this CPU it ran at 0.52-0.74x the time of
     ``nn.Linear`` on the same data laid out ``(B, T, F)``, forward and training step, and it was
     the most frequent winner in the H100 measurements of ``shared/anchors``.  In reduced precision
     on CPU no kernel reaches ``nn.Linear``'s speed on channel-first data; there a rewrite keeps

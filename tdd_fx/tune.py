@@ -133,7 +133,8 @@ def _device_of(gm: nn.Module, inputs: Sequence[Any]) -> torch.device:
     return torch.device("cpu")
 
 
-def model_time(model: nn.Module, inputs: Sequence[Any], train: bool) -> tuple[float, float]:
+def model_time(model: nn.Module, inputs: Sequence[Any], train: bool, repeats: int = 7
+               ) -> tuple[float, float]:
     """(median seconds, relative spread) of one forward (eval) or forward+backward (train)."""
     device = _device_of(model, inputs)
     xs = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, Tensor) and train
@@ -156,16 +157,17 @@ def model_time(model: nn.Module, inputs: Sequence[Any], train: bool) -> tuple[fl
 
     with preserved([model]):
         model.train(train)
-        return median_time(run, device, repeats=7)
+        return median_time(run, device, repeats=repeats)
 
 
 def compare_models(original: nn.Module, optimized: nn.Module, inputs: Sequence[Any], train: bool,
-                   rounds: int = 3) -> tuple[float, float, float]:
-    """Interleaved medians: (original s, optimized s, noise as a relative spread)."""
+                   rounds: int = 3, repeats: int = 7) -> tuple[float, float, float]:
+    """Interleaved medians: (original s, optimized s, noise as a relative spread).  Neither model
+    is changed (buffers, modes, ``.grad`` and RNG are restored)."""
     a, b, spread = [], [], 0.0
     for _ in range(rounds):
-        ta, sa = model_time(original, inputs, train)
-        tb, sb = model_time(optimized, inputs, train)
+        ta, sa = model_time(original, inputs, train, repeats)
+        tb, sb = model_time(optimized, inputs, train, repeats)
         a.append(ta)
         b.append(tb)
         spread = max(spread, sa, sb)

@@ -318,6 +318,7 @@ def _ddp_worker(rank: int, port: int, state: dict, x: torch.Tensor, target: torc
         torch.save({"grads": grads, "params": {k: v.detach().clone() for k, v in opt.state_dict().items()}},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
         dist.destroy_process_group()
 
 

@@ -204,26 +204,6 @@ def _line_of(fn, text: str) -> int:
 
 # --- positive ----------------------------------------------------------------------------------
 
-DEAD_STEPS = (
-    "BUG: the per-step bodies survive as dead code when the step body holds an arithmetic op "
-    "(`* 0.5`, operator.mul): loop._pure() does not list operator.mul, so _emit stops erasing "
-    "there and every step (getitem, fc1, gelu, mul) still runs next to the re-rolled nodes")
-DEAD_STEPS_CRASH = (
-    "BUG: the dead per-step bodies left by the rewrite (see DEAD_STEPS: `* 0.5` in the step "
-    "body) still index the input at the example's positions `x[:, 1]` ... `x[:, 5]`; the "
-    "time-size guard was released, so a shorter sequence raises IndexError instead of running")
-DEAD_SHAPE = (
-    "BUG: `range(x.shape[1])` leaves a dead `getattr(x, 'shape')` + `getitem` pair in the graph: "
-    "rewrite.erase_dead only starts from metadata nodes without users, and the getattr is still "
-    "used by the dead getitem")
-
-
-def _with_bugs(bugs: dict[str, str]) -> list:
-    """POSITIVE's names, the known bugs marked as strict xfails."""
-    del bugs  # all fixed; kept as documentation of what each case once caught
-    return sorted(POSITIVE)
-
-
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("name", sorted(POSITIVE))
 def test_loop_is_rewritten(name: str, training: bool) -> None:
@@ -243,7 +223,7 @@ def test_loop_is_rewritten(name: str, training: bool) -> None:
     assert_equivalent(opt, model, (x,))
 
 
-@pytest.mark.parametrize("name", _with_bugs({"chain_scaled": DEAD_STEPS, "stack_shape": DEAD_SHAPE}))
+@pytest.mark.parametrize("name", sorted(POSITIVE))
 def test_loop_leaves_no_per_step_nodes(name: str) -> None:
     """The unrolled steps are gone: no stack/cat/getitem/unbind/split, no per-step Linear calls,
     nothing computed and thrown away."""
@@ -253,7 +233,7 @@ def test_loop_leaves_no_per_step_nodes(name: str) -> None:
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-@pytest.mark.parametrize("name", _with_bugs({"chain_scaled": DEAD_STEPS_CRASH}))
+@pytest.mark.parametrize("name", sorted(POSITIVE))
 def test_loop_follows_other_lengths_and_batches(name: str, training: bool) -> None:
     """The count came from the input, so the time-size guard was released: other sequence lengths
     and batch sizes run the rewritten graph (no fallback warning) and give the same answer."""

@@ -9,6 +9,7 @@ with one canonical, verified node.
 from .api import audit, optimize
 from .capture import CaptureError
 from .ops import GuardError, TimeDistributed, time_distributed_dense
+from .program import graph_of, graphs
 from .report import Report, Site
 
 __all__ = [
@@ -18,7 +19,9 @@ __all__ = [
     "Site",
     "TimeDistributed",
     "audit",
+    "graph_of",
+    "graphs",
     "optimize",
     "time_distributed_dense",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

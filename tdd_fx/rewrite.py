@@ -1,192 +1,235 @@
-"""Apply proved candidates: canonical nodes in, folds out; peephole; guards.
+"""The rewriter: every graph edit goes through here (node lookup, insertion with meta, uses,
+dead-code removal, the peephole clean-up), on a fresh copy of the captured graph.
 
-Rewrites always work on a fresh copy of the captured graph (node names are kept by the copy), so
-any subset of candidates can be applied — which is how verification bisects a failing rewrite.
-Weights are taken by ``get_attr`` of the original parameter paths: the state_dict, parameter
-identity and autograd are untouched.
+``apply(captured, matches)`` builds the rewritten graph for a set of proved matches.  Each
+match's ``emit`` receives a :class:`Rewriter` and looks nodes up by the names they had in the
+captured graph.
 """
 
 from __future__ import annotations
 
-import copy
-import operator
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
+from torch._guards import detect_fake_mode
 
 from . import ops
-from ._state import preserved
-from .capture import META_KEYS, graft_tree
-from .guards import Guard, insert_guards
-from .patterns.roles import Role, is_metadata
-from .peephole import simplify
+from .capture import META_KEYS, Captured
+from .families.base import Match, same_shape
+from .optables import ANY_RANDOM, in_place
 
-if TYPE_CHECKING:
-    from .patterns.base import Candidate
+aten = torch.ops.aten
 
 
-def node_named(gm: fx.GraphModule, name: str) -> fx.Node:
-    """The node called ``name`` (names survive the graph copy); indexed once per rewrite pass."""
-    index = gm.__dict__.get("_tdd_nodes")
-    if index is None or name not in index or getattr(index[name], "_erased", False):
-        index = gm.__dict__["_tdd_nodes"] = {n.name: n for n in gm.graph.nodes}
-    return index[name]
+class Rewriter:
+    """Edits one fresh copy of a captured graph."""
+
+    def __init__(self, captured: Captured) -> None:
+        graph = fx.Graph()
+        out = graph.graph_copy(captured.gm.graph, {})
+        graph.output(out)
+        self.gm = fx.GraphModule(captured.gm, graph)
+        self.graph = graph
+        self.nodes = {n.name: n for n in graph.nodes}
+        self.fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes
+                                           if n.op == "placeholder"])
+        self.touched: list[fx.Node] = []
+        self.sites: dict[str, fx.Node] = {}
+
+    def __getitem__(self, name: str) -> fx.Node:
+        return self.nodes[name]
+
+    # --- insertion ----------------------------------------------------------------------
+    def call(self, target: Any, args: Sequence[Any], kwargs: dict[str, Any] | None = None, *,
+             before: fx.Node, like: fx.Node | None = None) -> fx.Node:
+        """A new ``call_function`` node right before ``before``, with the user-facing meta of
+        ``like`` (module path, source line) and its FakeTensor value."""
+        with self.graph.inserting_before(before):
+            node = self.graph.call_function(target, tuple(args), kwargs or {})
+        src = like if like is not None else before
+        for key in META_KEYS:
+            if key in src.meta:
+                node.meta[key] = src.meta[key]
+        self._infer(node)
+        self.nodes[node.name] = node
+        return node
+
+    def _infer(self, node: fx.Node) -> None:
+        if self.fake_mode is None:
+            return
+
+        def val(a: Any) -> Any:
+            return a.meta.get("val") if isinstance(a, fx.Node) else a
+
+        args = fx.node.map_aggregate(node.args, val)
+        kwargs = fx.node.map_aggregate(node.kwargs, val)
+        try:
+            with self.fake_mode:
+                node.meta["val"] = node.target(*args, **kwargs)
+        except Exception:  # a value we cannot infer only costs the clean-up, never the result
+            node.meta.pop("val", None)
+
+    def tdd(self, x: fx.Node, weight: fx.Node, bias: Any, *, feature_dim: int, site: str,
+            before: fx.Node, like: fx.Node | None = None, impl: str = "linear") -> fx.Node:
+        """The canonical node: ``weight`` (out, in) applied along ``feature_dim`` of ``x``."""
+        node = self.call(ops.time_distributed_dense, (x, weight, bias),
+                         {"feature_dim": feature_dim, "impl": impl}, before=before, like=like)
+        node.meta["tdd_site"] = site
+        self.sites[site] = node
+        return node
+
+    # --- replacement ----------------------------------------------------------------------
+    def replace(self, old: fx.Node, new: fx.Node) -> None:
+        """Every use of ``old`` now reads ``new``; ``old`` (and what only it used) is removed
+        at :meth:`finish` if nothing else needs it."""
+        old.replace_all_uses_with(new)
+        self.touched.append(old)
+
+    def finish(self) -> fx.GraphModule:
+        erase_dead(self.touched, self.graph)
+        cleanup(self)
+        self.graph.lint()
+        self.gm.recompile()
+        return self.gm
 
 
-def _dense_params(gm: fx.GraphModule, op: fx.Node) -> tuple[fx.Node, fx.Node | None]:
-    g = gm.graph
-    if op.op == "call_module":
-        mod = gm.get_submodule(str(op.target))
-        w = g.get_attr(f"{op.target}.weight")
-        b = g.get_attr(f"{op.target}.bias") if mod.bias is not None else None
-        return w, b
-    if op.target is ops.time_distributed_dense:
-        return op.args[1], (op.args[2] if len(op.args) > 2 else op.kwargs.get("bias"))
-    if op.target is torch.addmm:  # addmm(b, x, W) with W stored (in, out)
-        return g.call_method("t", (op.args[2],)), op.args[0]
-    if op.target in (torch.mm, torch.matmul, operator.matmul, "mm", "matmul"):  # x @ W, (in, out)
-        return g.call_method("t", (op.args[1],)), None
-    w = op.args[1] if len(op.args) > 1 else op.kwargs["weight"]
-    b = op.args[2] if len(op.args) > 2 else op.kwargs.get("bias")
-    return w, b
+def removable(n: fx.Node) -> bool:
+    return (n.op == "call_function" and not n.users and not in_place(n)
+            and n.target not in ANY_RANDOM and not _asserts(n))
 
 
-def emit_region(gm: fx.GraphModule, entry_name: str, spec: list[tuple[str, Role]], fd: int,
-                kernel: str) -> fx.Node:
-    """Replace a proved region by its ops applied directly to the entry tensor.
-
-    Reshapes and permutes vanish; each dense op becomes ``time_distributed_dense(x, W, b,
-    feature_dim=fd)``; pointwise ops are re-applied unchanged; featurewise ops get their axis
-    re-expressed (functional ``dim=``) or a local fold (modules such as ``BatchNorm1d``).
-    """
-    g = gm.graph
-    region = [(node_named(gm, name), role) for name, role in spec]
-    entry = region[0][0].args[region[0][1].data]  # as it is now: an earlier rewrite may have
-    del entry_name                                # replaced the node the match saw
-    last = region[-1][0]
-    cur = entry
-    with g.inserting_before(last):
-        for op, role in region:
-            data_in = op.args[role.data]
-            if role.kind in ("reshape", "permute"):
-                continue
-            if role.kind == "dense":
-                w, b = _dense_params(gm, op)
-                new = g.call_function(ops.time_distributed_dense, (cur, w, b),
-                                      {"feature_dim": fd, "impl": kernel})
-                new.meta["tdd_site"] = op.name
-            elif role.kind == "pointwise" and fd != -1 and _random(gm, op):
-                # a random mask is drawn in memory order: draw it over the same (rows, features)
-                # layout as the original, then put the features back
-                moved = g.call_method("contiguous", (g.call_method("movedim", (cur, fd, -1)),))
-                y = g.node_copy(op, lambda n, d=data_in, c=moved: c if n is d else n)
-                new = g.call_method("movedim", (y, -1, fd))
-            elif role.kind == "pointwise" or (role.kind == "lastaxis" and fd == -1):
-                new = g.node_copy(op, lambda n, d=data_in, c=cur: c if n is d else n)
-            elif role.kind == "lastaxis":  # names the last axis: lay features last around it
-                moved = g.call_method("movedim", (cur, fd, -1))
-                y = g.node_copy(op, lambda n, d=data_in, c=moved: c if n is d else n)
-                new = g.call_method("movedim", (y, -1, fd))
-            elif op.op == "call_function":  # featurewise functional: re-express the axis
-                args = (cur,) + tuple(op.args[1:])
-                kwargs = dict(op.kwargs)
-                if "dim" in kwargs:
-                    kwargs["dim"] = fd
-                else:
-                    args = (cur, fd) + tuple(op.args[2:])
-                new = g.call_function(op.target, args, kwargs)
-            elif isinstance(gm.get_submodule(str(op.target)), (torch.nn.Softmax, torch.nn.LogSoftmax)):
-                # stateless: the functional form with the axis re-expressed
-                fn = F.softmax if isinstance(gm.get_submodule(str(op.target)), torch.nn.Softmax) \
-                    else F.log_softmax
-                new = g.call_function(fn, (cur,), {"dim": fd})
-            else:  # featurewise module: a local fold, exactly the rows it saw before
-                src = cur if fd == -1 else g.call_method("movedim", (cur, fd, -1))
-                rows = g.call_method("flatten", (src, 0, -2))
-                y = g.call_module(str(op.target), (rows,) + tuple(op.args[1:]), dict(op.kwargs))
-                new = g.call_method("view_as", (y, src))
-                if fd != -1:
-                    new = g.call_method("movedim", (new, -1, fd))
-            new.meta.update({k: v for k, v in op.meta.items()
-                             if k in META_KEYS})
-            cur = new
-    last.replace_all_uses_with(cur)
-    erase_dead([op for op, _ in reversed(region)], g)
-    return cur
+def _asserts(n: fx.Node) -> bool:
+    name = str(n.target)
+    return "assert" in name or "_check" in name
 
 
-def _random(gm: fx.GraphModule, op: fx.Node) -> bool:
-    """Dropout-like ops: their result depends on the memory order of their input."""
-    if op.op == "call_module":
-        return isinstance(gm.get_submodule(str(op.target)), (torch.nn.Dropout, torch.nn.AlphaDropout))
-    return op.target in (F.dropout, F.alpha_dropout)
+def erase_dead(start: Iterable[fx.Node], graph: fx.Graph) -> None:
+    """Remove ``start`` nodes that nothing uses any more, and then their inputs that nothing
+    uses; never a placeholder, an in-place op, a random op or an assertion (unless a rewrite
+    replaced it explicitly: random ops a region re-emitted are among ``start``)."""
+    stack = list(start)
+    explicit = set(start)
+    while stack:
+        n = stack.pop()
+        if n.graph is not graph or n.users or n.op != "call_function":
+            continue
+        if n not in explicit and not removable(n):
+            continue
+        if in_place(n) and n not in explicit:
+            continue
+        inputs = list(n.all_input_nodes)
+        graph.erase_node(n)
+        stack.extend(inputs)
 
 
-def erase_dead(nodes: Iterable[fx.Node], g: fx.Graph) -> None:
-    """Erase the given nodes, and the size computations feeding them, once nothing uses them."""
-    pending = {n: None for n in nodes}  # ordered set
+# --- peephole ------------------------------------------------------------------------------
+_SQUEEZES = {aten.squeeze.dim, aten.squeeze.dims}
+_PERMS = {aten.permute.default, aten.transpose.int}
+
+
+def _perm(n: fx.Node) -> list[int] | None:
+    """The permutation a permute/transpose node applies (None when unknown)."""
+    v = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
+    if v is None:
+        return None
+    rank = v.dim()
+    if n.target == aten.transpose.int:
+        a, b = (int(d) % rank for d in n.args[1:3])
+        p = list(range(rank))
+        p[a], p[b] = p[b], p[a]
+        return p
+    return [int(d) % rank for d in n.args[1]]
+
+
+def _fold_permutes(rw: Rewriter, node: fx.Node) -> bool:
+    """``P⁻¹(tdd(P(x), fd=-1)) == tdd(x, fd=P[-1])`` when the output permutation undoes the
+    input one: the transposes of a channel-first sandwich become the canonical node's
+    ``feature_dim``."""
+    src = node.args[0]
+    if not (isinstance(src, fx.Node) and src.op == "call_function" and src.target in _PERMS):
+        return False
+    users = list(node.users)
+    if len(users) != 1 or users[0].target not in _PERMS or len(src.users) != 1:
+        return False
+    p_in, p_out = _perm(src), _perm(users[0])
+    if p_in is None or p_out is None or len(p_in) != len(p_out):
+        return False
+    rank = len(p_in)
+    fd = node.kwargs.get("feature_dim", -1) % rank
+    if fd != rank - 1 or [p_in[i] for i in p_out] != list(range(rank)):
+        return False
+    new = rw.tdd(src.args[0], node.args[1], node.args[2], feature_dim=p_in[-1],
+                 site=node.meta["tdd_site"], before=users[0], like=node,
+                 impl=ops.choose_kernel(p_in[-1], rank, prefer=node.kwargs.get("impl")))
+    rw.replace(users[0], new)
+    erase_dead([users[0]], rw.graph)
+    return True
+
+
+def _identity(n: fx.Node) -> bool:
+    """A reshape to the shape its input already has, or an unsqueeze undone by a squeeze."""
+    if n.op != "call_function" or not isinstance(n.args[0] if n.args else None, fx.Node):
+        return False
+    src = n.args[0]
+    if n.target in _SQUEEZES and src.target == aten.unsqueeze.default:
+        v, s = n.meta.get("val"), src.args[0].meta.get("val")
+        return v is not None and s is not None and same_shape(v.shape, s.shape)
+    if n.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                    aten.contiguous.default):
+        v, s = n.meta.get("val"), src.meta.get("val")
+        return (v is not None and s is not None and same_shape(v.shape, s.shape)
+                and not any(in_place(u) for u in n.users))
+    return False
+
+
+def cleanup(rw: Rewriter) -> None:
+    """Free views around canonical nodes: identity reshapes and unsqueeze/squeeze pairs go,
+    transposes around a canonical node become its ``feature_dim``."""
     changed = True
     while changed:
         changed = False
-        for n in list(pending):
-            if n.users or n.op in ("placeholder", "output"):
+        for n in list(rw.graph.nodes):
+            if n.graph is not rw.graph:
                 continue
-            del pending[n]
-            inputs = list(n.all_input_nodes)
-            g.erase_node(n)
-            changed = True
-            for a in inputs:
-                if is_metadata(a) or (a.op == "call_function" and getattr(
-                        a.target, "__module__", "") in ("_operator", "operator")):
-                    pending.setdefault(a, None)
+            if n.target is ops.time_distributed_dense and _fold_permutes(rw, n):
+                changed = True
+            elif _identity(n) and _feeds_canonical(n):
+                src = n.args[0]
+                target = src.args[0] if n.target in _SQUEEZES else src
+                n.replace_all_uses_with(target)
+                erase_dead([n], rw.graph)
+                changed = True
 
 
-def apply(base: fx.GraphModule, candidates: list[Candidate], ranks: dict[str, int],
-          trace_guards: Iterable[Guard] = (), inputs: tuple[Any, ...] | None = None,
-          cleanup: bool = True) -> tuple[fx.GraphModule, dict[int, str], list[str]]:
-    """A new GraphModule: ``base``'s module tree with ``candidates`` rewritten.
+def _feeds_canonical(n: fx.Node, depth: int = 3) -> bool:
+    """Only views next to a canonical node are cleaned (the rest of the graph is the user's)."""
+    frontier = [n]
+    for _ in range(depth):
+        nxt = []
+        for m in frontier:
+            if m.target is ops.time_distributed_dense:
+                return True
+            nxt.extend(a for a in m.all_input_nodes)
+            nxt.extend(m.users)
+        frontier = nxt
+    return any(m.target is ops.time_distributed_dense for m in frontier)
 
-    Returns the module, the name of each candidate's result node (by position), and the guards
-    (those the trace relied on, plus those of the applied candidates).
-    """
-    with preserved([base]):  # get_attr checks may evaluate parametrizations (power iterations)
-        return _apply(base, candidates, ranks, trace_guards, inputs, cleanup)
 
-
-def _apply(base: fx.GraphModule, candidates: list[Candidate], ranks: dict[str, int],
-           trace_guards: Iterable[Guard], inputs: tuple[Any, ...] | None, cleanup: bool
-           ) -> tuple[fx.GraphModule, dict[int, str], list[str]]:
-    graph = copy.deepcopy(base.graph)
-    graph._tracer_cls = getattr(base.graph, "_tracer_cls", None)
-    # an empty graph first: GraphModule(base, graph) would copy every referenced submodule path
-    # into new intermediate modules, only for graft_tree to replace them all
-    gm = fx.GraphModule(base, fx.Graph(), class_name=type(base).__name__)
-    graft_tree(gm, base)
-    gm.graph = graph
-    results: dict[int, str] = {}
-    guards: list[Guard] = []
-    released: set[str] = set()
-    gm.__dict__["_tdd_nodes"] = {n.name: n for n in gm.graph.nodes}
-    for i, cand in enumerate(candidates):
-        assert cand.rewrite is not None
-        results[i] = cand.rewrite(gm).name
-        guards.extend(cand.guards)
-        released |= cand.releases
-    guards = [g for g in trace_guards if not (g.releasable and g.fact in released)] + guards
-    del gm.__dict__["_tdd_nodes"]
-    if cleanup:
-        gm.recompile()
-        simplify(gm, inputs, erase_dead)
-    erase_dead([n for n in gm.graph.nodes if not n.users and (  # leftovers of the trace
-        is_metadata(n) or n.op == "call_function" and n.target is operator.getitem
-        and isinstance(n.args[0], fx.Node) and is_metadata(n.args[0])
-        or n.op == "call_function" and getattr(n.target, "__module__", "") == "_operator"
-        and all(is_metadata(a) or a.op == "call_function" for a in n.all_input_nodes))],
-        gm.graph)
-    described = insert_guards(gm, ranks, guards) if (candidates or guards) and ranks else []
-    gm.graph.lint()
-    gm.recompile()
-    return gm, results, described
+def apply(captured: Captured, matches: list[Match]) -> tuple[fx.GraphModule, dict[str, str]]:
+    """The captured graph with every match emitted; and, per site, the kernel its canonical
+    node ended with (the clean-up may have changed it)."""
+    rw = Rewriter(captured)
+    for m in matches:
+        assert m.emit is not None
+        m.emit(rw)
+    gm = rw.finish()
+    kernels = {}
+    for n in gm.graph.nodes:
+        if n.target is ops.time_distributed_dense and "tdd_site" in n.meta:
+            x = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
+            fd = n.kwargs.get("feature_dim", -1)
+            last = fd == -1 or (x is not None and fd % x.dim() == x.dim() - 1)
+            kernels[n.meta["tdd_site"]] = "linear" if last else n.kwargs.get("impl", "linear")
+    return gm, kernels

@@ -13,6 +13,7 @@ afterwards: verification changes nothing.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from ._state import preserved
-from .ops import GuardError
+from .inputs import Example
 
 SEED = 0x7DD
 
@@ -48,32 +49,34 @@ def fp64_reference(model: nn.Module) -> nn.Module | None:
     return ref.double()
 
 
-def _cast(inputs: Sequence[Any], to64: bool) -> list[Any]:
-    out = []
-    for x in inputs:
-        if isinstance(x, Tensor):
-            x = x.detach().clone()
-            if x.is_floating_point():
-                if to64:
-                    x = x.double()
-                x.requires_grad_(True)
-        out.append(x)
-    return out
+def _cast(example: Example, to64: bool) -> tuple[Example, list[Tensor]]:
+    """Fresh copies of the inputs; floating ones require grad (and are float64 with ``to64``)."""
+    grads: list[Tensor] = []
+
+    def cast(x: Tensor) -> Tensor:
+        x = x.detach().clone()
+        if x.is_floating_point():
+            if to64:
+                x = x.double()
+            x.requires_grad_(True)
+            grads.append(x)
+        return x
+
+    return example.map(cast), grads
 
 
-def run(model: nn.Module, inputs: Sequence[Any], to64: bool = False) -> dict[str, Tensor | None]:
+def run(model: nn.Module, example: Example, to64: bool = False) -> dict[str, Tensor | None]:
     """Outputs and gradients (parameters and floating inputs, for a fixed random cotangent)."""
-    xs = _cast(inputs, to64)
+    ex, xs = _cast(example, to64)
     with preserved([model]):  # backward inside: restoring buffers bumps their versions
         torch.manual_seed(SEED)
         with torch.enable_grad():
-            out = model(*xs)
+            out = ex.call(model)
         flat, _ = tree_flatten(out)
         outs = [t for t in flat if isinstance(t, Tensor)]
         result: dict[str, Tensor | None] = {f"output[{i}]": o.detach() for i, o in enumerate(outs)}
         named = [(f"grad {n}", p) for n, p in model.named_parameters() if p.requires_grad]
-        named += [(f"grad input[{i}]", x) for i, x in enumerate(xs)
-                  if isinstance(x, Tensor) and x.requires_grad]
+        named += [(f"grad input[{i}]", x) for i, x in enumerate(xs)]
         diff = [(i, o) for i, o in enumerate(outs) if o.requires_grad]
         if diff and named:
             cot = []
@@ -134,34 +137,28 @@ def _is_zero(t: Tensor | None) -> bool:
 
 @dataclass
 class Reference:
-    """The original's (and its float64 copy's) outputs and gradients, computed once per plan
-    entry and reused for every candidate that bisection tries."""
+    """The original's (and its float64 copy's) outputs and gradients on each input set, in the
+    mode being verified; computed once and reused for every candidate bisection tries."""
 
-    mode: bool
-    plan: list[tuple[bool, Sequence[Any]]]
+    sets: list[Example]
     orig: list[dict[str, Tensor | None] | None]
     ref64: list[dict[str, Tensor | None] | None]
     failure: str = ""
 
 
-def reference(original: nn.Module, input_sets: Iterable[Sequence[Any]],
+def reference(original: nn.Module, input_sets: Iterable[Example],
               ref64: nn.Module | None) -> Reference:
-    """Run the original on every input set in its mode, and on the first in the other mode."""
+    """Run the original (and its float64 copy) on every input set, in their current mode."""
     sets = list(input_sets)
-    mode = original.training
-    plan = [(mode, s) for s in sets] + ([(not mode, sets[0])] if sets else [])
-    ref = Reference(mode, plan, [], [])
+    ref = Reference(sets, [], [])
     models = [m for m in (original, ref64) if m is not None]
     with preserved(models):
-        for training, inputs in plan:
-            if training != mode:  # the other mode, as opt.train()/opt.eval() would set it
-                for m in models:
-                    m.train(training)
+        for inputs in sets:
             try:
                 ref.orig.append(run(original, inputs))
             except Exception as exc:  # the original itself fails here: nothing to compare
                 ref.orig.append(None)
-                if training == mode and not ref.failure:
+                if not ref.failure:
                     ref.failure = f"the original fails: {exc}"
             r = None
             if ref64 is not None:
@@ -173,99 +170,31 @@ def reference(original: nn.Module, input_sets: Iterable[Sequence[Any]],
     return ref
 
 
-def verify(original: nn.Module, candidate: nn.Module, input_sets: Iterable[Sequence[Any]],
+def verify(original: nn.Module, candidate: nn.Module, input_sets: Iterable[Example],
            ref64: nn.Module | None, ref: Reference | None = None) -> Verdict:
-    """Compare ``candidate`` with ``original`` on every input set, in the model's mode, and on the
-    first input set in the other mode too (``train()``/``eval()`` must behave as before)."""
+    """Compare ``candidate`` with ``original`` on every input set, both in their current
+    modes."""
     ref = ref if ref is not None else reference(original, input_sets, ref64)
     if ref.failure:
         return Verdict(False, float("inf"), ref.failure)
     worst, checked, frac = 0.0, 0, 0.0
-    with preserved([candidate]):
-        for (training, inputs), o, r in zip(ref.plan, ref.orig, ref.ref64):
+    with preserved([candidate]), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback is not a verified rewrite
+        for inputs, o, r in zip(ref.sets, ref.orig, ref.ref64):
             if o is None:
                 continue
-            if training != ref.mode:
-                candidate.train(training)
             try:
                 c = run(candidate, inputs)
-            except GuardError:  # outside what the rewrite claims: the guard says so at run time
-                continue
             except Exception as exc:
                 return Verdict(False, float("inf"), f"the rewritten model fails: "
                                                     f"{type(exc).__name__}: {exc}")
             v = compare(o, c, r)
-            tag = f"({'train' if training else 'eval'} mode, inputs {_shapes(inputs)})"
+            tag = f"(inputs {inputs.summary()})"
             if not v.ok:
                 return Verdict(False, v.max_error, f"{v.detail} {tag}")
             worst, checked = max(worst, v.max_error), checked + v.checked
             frac = max(frac, v.tolerance_used)
     return Verdict(True, worst, "", checked, frac)
-
-
-def _shapes(inputs: Sequence[Any]) -> str:
-    return ", ".join("x".join(map(str, x.shape)) if isinstance(x, Tensor) else type(x).__name__
-                     for x in inputs)
-
-
-def alternative_inputs(model: nn.Module, example: Sequence[Any],
-                       fixed: set[tuple[int, int]]) -> tuple[Any, ...] | None:
-    """Inputs with other batch/time sizes that the original model accepts (None if none found).
-
-    Leading axes are tried first (batch and time of batch-first data), then batch with the last
-    axis (time of channel-first data), then batch alone.  Sizes a guard fixed are kept.
-    """
-    ranks = [x.dim() for x in example if isinstance(x, Tensor)]
-    if not ranks or max(ranks) < 1:
-        return None
-    r = max(ranks)
-    choices = [tuple(range(max(r - 1, 1))), (0, r - 1), (0,), tuple(range(1, r - 1)), (r - 1,)]
-    tried: set[tuple[int, ...]] = set()
-    for dims in choices:
-        if not dims or dims in tried:
-            continue
-        tried.add(dims)
-        alt = _resized(example, dims, fixed)
-        if alt is None:
-            continue
-        try:
-            with preserved([model]), torch.no_grad():
-                model(*alt)
-        except Exception:
-            continue
-        return alt
-    return None
-
-
-def _resized(example: Sequence[Any], dims: tuple[int, ...],
-             fixed: set[tuple[int, int]]) -> tuple[Any, ...] | None:
-    g = torch.Generator().manual_seed(SEED)
-    new_size: dict[int, int] = {}
-    out: list[Any] = []
-    changed = False
-    for i, x in enumerate(example):
-        if not isinstance(x, Tensor) or x.dim() == 0:
-            out.append(x)
-            continue
-        shape = list(x.shape)
-        for d in dims:
-            if d < x.dim() and (i, d) not in fixed and (shape[d] > 1 or d == 0):
-                shape[d] = new_size.setdefault(shape[d], shape[d] + 3)  # a batch of 1 too
-                changed = True
-        out.append(_like(x, shape, g))
-    return tuple(out) if changed else None
-
-
-def _like(x: Tensor, shape: list[int], g: torch.Generator) -> Tensor:
-    if x.is_floating_point() or x.is_complex():
-        std = float(x.detach().double().std()) if x.numel() > 1 else 1.0
-        mean = float(x.detach().double().mean()) if x.numel() else 0.0
-        std = std if std == std and std > 0 else 1.0
-        return (torch.randn(shape, generator=g, dtype=torch.float64) * std + mean).to(x)
-    if x.dtype == torch.bool:
-        return torch.rand(shape, generator=g) < 0.5
-    lo, hi = (int(x.min()), int(x.max())) if x.numel() else (0, 1)
-    return torch.randint(lo, hi + 1, shape, generator=g, dtype=x.dtype)
 
 
 class _Recorder(fx.Interpreter):

@@ -1,0 +1,16 @@
+"""The registry: every pattern family, in the order they claim nodes."""
+
+from __future__ import annotations
+
+from .base import Context, Family, Match
+from .conv import ConvFamily
+from .conv_transpose import ConvTransposeFamily
+from .reshape import ReshapeFamily
+
+FAMILIES: list[Family] = [
+    ReshapeFamily(),
+    ConvFamily(),
+    ConvTransposeFamily(),
+]
+
+__all__ = ["FAMILIES", "Context", "Family", "Match"]

@@ -1,0 +1,170 @@
+"""What every pattern family shares: the matching context, the match record, the protocol.
+
+A family is an object with ``pattern`` (the name the report uses) and ``find(ctx)`` returning
+:class:`Match` es.  A family checks its conditions as small named functions that each return a
+reason a user understands ("" when the condition holds); :func:`first_failure` runs them in
+order.  A proved match carries ``emit(rw)``: given a :class:`~tdd_fx.rewrite.Rewriter` over a
+fresh copy of the captured graph, it replaces the match's nodes by canonical ones — families never
+edit the graph they match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import sympy
+import torch
+import torch.fx as fx
+
+from ..capture import Captured, from_tdd, node_location, node_module_path
+from ..report import Site
+
+if TYPE_CHECKING:
+    from ..rewrite import Rewriter
+
+Emit = Callable[["Rewriter"], None]
+
+
+@dataclass
+class Context:
+    """One captured graph, as the families see it."""
+
+    captured: Captured
+    #: node names an earlier match already owns
+    claimed: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        nodes = list(self.captured.gm.graph.nodes)
+        self.order = {n: i for i, n in enumerate(nodes)}
+        self.state = {n: target for n, (_, target) in zip(nodes, self.captured.state)}
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.captured.gm.graph
+
+    def val(self, node: Any) -> Any:
+        return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+    def shape(self, node: Any) -> tuple[Any, ...] | None:
+        v = self.val(node)
+        return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+    def rank(self, node: Any) -> int | None:
+        s = self.shape(node)
+        return None if s is None else len(s)
+
+    def state_source(self, node: Any) -> str | None:
+        """The ``state_dict``-style name behind ``node`` when it is a parameter, buffer or
+        constant, possibly through free views (``t``, ``view``, ``permute``); else None."""
+        seen = 0
+        while isinstance(node, fx.Node) and seen < 8:
+            if node in self.state:
+                return self.state[node]
+            if node.op != "call_function" or node.target not in _FREE_VIEWS:
+                return None
+            node = node.args[0]
+            seen += 1
+        return None
+
+    def canonical(self, node: fx.Node) -> bool:
+        """The node came from tdd_fx's own canonical function (a model optimized before)."""
+        return from_tdd(node)
+
+    def site(self, pattern: str, status: str, at: fx.Node, x: Any, out: Any,
+             reason: str = "", fd: int | None = None, kernel: str = "") -> Site:
+        """A report row for the dense op ``at``: module path and user line, example shapes."""
+        module, source = node_module_path(at), node_location(at)
+        return Site(pattern, status, (module or at.name) + (f" ({source})" if source else ""),  # type: ignore[arg-type]
+                    reason=reason, module=module, source=source, node=at.name,
+                    in_shape=example_shape(self.shape(x)), out_shape=example_shape(self.shape(out)),
+                    feature_dim=fd, kernel=kernel)
+
+
+aten = torch.ops.aten
+_FREE_VIEWS = frozenset({aten.t.default, aten.view.default, aten.reshape.default,
+                         aten.permute.default, aten.transpose.int, aten.unsqueeze.default,
+                         aten.squeeze.dim, aten.squeeze.dims, aten.expand.default,
+                         aten.flatten.using_ints, aten.numpy_T.default, aten.detach.default,
+                         aten.alias.default, aten._unsafe_view.default,
+                         aten.contiguous.default, aten.to.dtype, aten._to_copy.default})
+
+
+def example_shape(shape: tuple[Any, ...] | None) -> tuple[int, ...] | None:
+    """The sizes on the example (a SymInt's hint)."""
+    if shape is None:
+        return None
+    return tuple(int(s.node.hint) if isinstance(s, torch.SymInt) else int(s) for s in shape)
+
+
+def expr(size: Any) -> Any:
+    if isinstance(size, torch.SymInt):
+        return size.node.expr
+    return size if isinstance(size, sympy.Basic) else sympy.Integer(int(size))
+
+
+def same(a: Any, b: Any) -> bool:
+    """``a == b`` for every size the capture admits (decided symbolically)."""
+    return sympy.simplify(expr(a) - expr(b)) == 0
+
+
+def same_shape(a: Iterable[Any] | None, b: Iterable[Any] | None) -> bool:
+    if a is None or b is None:
+        return False
+    a, b = list(a), list(b)
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+
+
+def product(sizes: Iterable[Any]) -> Any:
+    out: Any = sympy.Integer(1)
+    for s in sizes:
+        out = out * expr(s)
+    return out
+
+
+def render(shape: Iterable[Any] | None) -> str:
+    if shape is None:
+        return "?"
+    return "(" + ", ".join(str(expr(s)) for s in shape) + ")"
+
+
+Check = Callable[[], str]
+
+
+def first_failure(*checks: Check) -> str:
+    """The reason of the first condition that fails ("" when all hold)."""
+    for check in checks:
+        reason = check()
+        if reason:
+            return reason
+    return ""
+
+
+@dataclass
+class Match:
+    """One rewrite unit: its report rows (one per dense op) and either an emit or a reason."""
+
+    pattern: str
+    sites: list[Site]
+    nodes: list[str]
+    emit: Emit | None = None
+    reason: str = ""
+
+    @property
+    def proved(self) -> bool:
+        return self.emit is not None
+
+
+class Family(Protocol):
+    """A pattern family: finds its sites in a captured graph."""
+
+    pattern: str
+
+    def find(self, ctx: Context) -> list[Match]: ...
+
+
+def rejected(ctx: Context, pattern: str, at: fx.Node, x: Any, out: Any, reason: str,
+             nodes: Iterable[fx.Node] = ()) -> Match:
+    return Match(pattern, [ctx.site(pattern, "rejected", at, x, out, reason)],
+                 [n.name for n in nodes], reason=reason)

@@ -1,0 +1,347 @@
+"""Dense layers on folded rows: the reshape sandwich.
+
+Identity (``x: (*L, F)`` with leading axes ``L``, ``R = prod(L)``)::
+
+    dense(x.reshape(R, F)).reshape(*L, O) == time_distributed_dense(x, W, b)
+
+because a reshape keeps row-major order: row ``r`` of the fold is position ``unravel(r, L)`` of
+``x``, and a dense layer treats rows independently.  Between the fold and the unfold the rows may
+pass through any chain of row-wise ops — elementwise maps, scalar or per-feature arithmetic,
+ops over the last axis (LayerNorm, softmax), eval-mode BatchNorm (a per-feature affine map),
+dropout, more dense layers, two branches multiplied together (GLU) — each of which is applied to
+the unfolded tensor instead.  A *region* is everything reachable from the folds through such ops;
+it is rewritten only when every path ends in an unfold back to the same leading sizes
+(``reshape(*L, O)``, decided on PyTorch's symbolic sizes for every size the capture admits).
+
+Not equivalent, and rejected with the reason: a restore that splits the rows differently
+(``view(-1, x.size(0), E)``), rows that stay folded (returned, summed over, attention between
+rows), rows mixed with a tensor from outside the fold, training-mode BatchNorm (statistics pooled
+over all rows), an in-place op writing through the fold into the caller's tensor.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..capture import node_location
+from ..optables import (
+    BINARY,
+    IDENTITY,
+    LAST_AXIS,
+    METADATA,
+    RANDOM,
+    RESHAPES,
+    UNARY,
+    in_place,
+)
+from .base import Context, Match, product, render, same, same_shape
+
+aten = torch.ops.aten
+PATTERN = "reshape"
+DENSE = {aten.linear.default: "reshape", aten.addmm.default: "matmul",
+         aten.mm.default: "matmul", aten.matmul.default: "matmul"}
+
+
+@dataclass
+class Region:
+    """The folded rows of one or more folds of the same leading sizes, and what they pass."""
+
+    lead: tuple[Any, ...]
+    folds: dict[fx.Node, fx.Node] = field(default_factory=dict)  # fold node -> unfolded source
+    nodes: list[fx.Node] = field(default_factory=list)  # row-wise ops, in graph order
+    dense: list[fx.Node] = field(default_factory=list)
+    unfolds: list[fx.Node] = field(default_factory=list)
+    metadata: list[fx.Node] = field(default_factory=list)
+    reason: str = ""
+    culprit: fx.Node | None = None
+
+    def members(self) -> set[fx.Node]:
+        return set(self.folds) | set(self.nodes)
+
+
+def fold_of(node: fx.Node, ctx: Context) -> fx.Node | None:
+    """The unfolded source ``x`` when ``node`` is ``x.reshape(prod(x.shape[:-1]), F)`` with
+    ``x`` of rank >= 3; else None."""
+    if node.op != "call_function" or node.target not in RESHAPES:
+        return None
+    src = node.args[0]
+    s_in, s_out = ctx.shape(src), ctx.shape(node)
+    if s_in is None or s_out is None or len(s_in) < 3 or len(s_out) != 2:
+        return None
+    if not (same(s_out[1], s_in[-1]) and same(s_out[0], product(s_in[:-1]))):
+        return None
+    return src
+
+
+def _dense_input(node: fx.Node) -> Any:
+    return node.args[1] if node.target == aten.addmm.default else node.args[0]
+
+
+def _dense_weight(node: fx.Node) -> tuple[Any, Any]:
+    """(weight as stored, bias) of a dense op."""
+    if node.target == aten.addmm.default:
+        return node.args[2], node.args[0]
+    if node.target == aten.linear.default:
+        return node.args[1], node.args[2] if len(node.args) > 2 else None
+    return node.args[1], None
+
+
+class _Grow:
+    """Walks forward from the folds, classifying each use of the folded rows."""
+
+    def __init__(self, region: Region, ctx: Context) -> None:
+        self.r = region
+        self.ctx = ctx
+
+    def fail(self, node: fx.Node, reason: str) -> None:
+        if not self.r.reason:
+            self.r.reason, self.r.culprit = reason, node
+
+    def run(self) -> None:
+        frontier = list(self.r.folds)
+        seen = set(frontier)
+        while frontier and not self.r.reason:
+            node = frontier.pop(0)
+            for user in list(node.users):
+                if user in seen:
+                    continue
+                kind = self.classify(user, node)
+                if kind == "member":
+                    seen.add(user)
+                    frontier.append(user)
+                    self.r.nodes.append(user)
+                    if user.target in DENSE:
+                        self.r.dense.append(user)
+                elif kind == "unfold":
+                    seen.add(user)
+                    self.r.unfolds.append(user)
+                elif kind == "metadata":
+                    self.r.metadata.append(user)
+                if self.r.reason:
+                    return
+        self.r.nodes.sort(key=self.ctx.order.__getitem__)
+
+    def classify(self, user: fx.Node, src: fx.Node) -> str:
+        ctx = self.ctx
+        if user.op != "call_function":
+            self.fail(user, "the rows stay folded: they are returned as they are")
+            return ""
+        t = user.target
+        if t in METADATA:
+            return "metadata"
+        shape = ctx.shape(user)
+        if t in RESHAPES:
+            if shape is not None and same_shape(shape, (*self.r.lead, shape[-1])) and len(shape) > 2:
+                return "unfold"
+            if shape is not None and len(shape) == 2 and same(shape[-1], ctx.shape(src)[-1]):
+                return "member" if same(shape[0], product(self.r.lead)) else self._split(user, shape)
+            return self._split(user, shape)
+        if in_place(user) and src in self.r.folds:
+            self.fail(user, f"{_op(user)} writes through the fold into the tensor it was taken from")
+            return ""
+        if t in DENSE:
+            return self._dense(user, src)
+        if t in UNARY or t in IDENTITY or t in RANDOM:
+            return "member" if user.args[0] is src else self._other(user)
+        if t in BINARY:
+            return self._binary(user)
+        if t in LAST_AXIS:
+            return self._last_axis(user)
+        if t in (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default):
+            return self._batch_norm(user)
+        if t is aten.layer_norm.default:
+            return self._last_axis(user)
+        self.fail(user, f"the rows stay folded into {_op(user)}")
+        return ""
+
+    def _split(self, user: fx.Node, shape: Any) -> str:
+        self.fail(user, f"the rows are restored as {render(shape)}, a different split than the "
+                        f"folded axes {render(self.r.lead)}: not time-distributed")
+        return ""
+
+    def _other(self, user: fx.Node) -> str:
+        self.fail(user, f"the rows stay folded into {_op(user)}")
+        return ""
+
+    def _dense(self, user: fx.Node, src: fx.Node) -> str:
+        if _dense_input(user) is not src:
+            self.fail(user, f"the folded rows are the weight of {_op(user)}, not its input")
+            return ""
+        w, b = _dense_weight(user)
+        if not self.ctx.state_source(w):
+            self.fail(user, f"the weight of {_op(user)} is computed from the input, not a "
+                            "parameter")
+            return ""
+        if b is not None and isinstance(b, fx.Node) and not self.ctx.state_source(b):
+            self.fail(user, "the bias is computed from the input, not a parameter")
+            return ""
+        ws = self.ctx.shape(w)
+        if ws is None or len(ws) != 2:
+            self.fail(user, f"the weight of {_op(user)} is not a matrix")
+            return ""
+        return "member"
+
+    def _binary(self, user: fx.Node) -> str:
+        members = self.r.members()
+        for a in user.args[:2]:
+            if not isinstance(a, fx.Node) or a in members:
+                continue
+            s = self.ctx.shape(a)
+            if s is None or (len(s) >= 2 and not all(same(d, 1) for d in s[:-1])):
+                self.fail(user, f"{_op(user)} mixes the rows with a tensor of shape "
+                                f"{render(s)} from outside the fold")
+                return ""
+        return "member"
+
+    def _last_axis(self, user: fx.Node) -> str:
+        idx = LAST_AXIS.get(user.target)
+        if user.target is aten.layer_norm.default:
+            shape = user.args[1]
+            if len(shape) != 1:
+                self.fail(user, "layer_norm over more than the feature axis")
+                return ""
+            return "member"
+        if idx is not None and len(user.args) > idx and int(user.args[idx]) % 2 != 1:
+            self.fail(user, f"{_op(user)} works across the rows (dim 0), not within each row")
+            return ""
+        return "member"
+
+    def _batch_norm(self, user: fx.Node) -> str:
+        training = user.args[5] if user.target is aten.batch_norm.default else False
+        if training:
+            self.fail(user, "BatchNorm in training mode pools its statistics over all rows: "
+                            "per position it would differ")
+            return ""
+        return "member"
+
+
+def _op(node: fx.Node) -> str:
+    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+    where = node_location(node)
+    return f"{name}" + (f" ({where})" if where else "")
+
+
+def _regions(ctx: Context) -> list[Region]:
+    """One region per group of folds whose rows meet; folds of equal leading sizes that meet
+    in a binary op are one region."""
+    regions: list[Region] = []
+    owner: dict[fx.Node, Region] = {}
+    for node in ctx.graph.nodes:
+        if node in owner or node.name in ctx.claimed or ctx.canonical(node):
+            continue
+        src = fold_of(node, ctx)
+        if src is None:
+            continue
+        region = Region(tuple(ctx.shape(src)[:-1]))
+        region.folds[node] = src
+        _absorb_sibling_folds(region, ctx, owner)
+        _Grow(region, ctx).run()
+        for n in region.members():
+            owner[n] = region
+        regions.append(region)
+    return regions
+
+
+def _absorb_sibling_folds(region: Region, ctx: Context, owner: dict[fx.Node, Region]) -> None:
+    """Other folds of the same source (``fc(x.view(-1, F)) + x.view(-1, F)``)."""
+    (src,) = region.folds.values()
+    for user in src.users:
+        if user not in region.folds and user not in owner and fold_of(user, ctx) is src:
+            region.folds[user] = src
+
+
+def _unused(region: Region) -> bool:
+    return not region.dense
+
+
+def _emit(region_names: dict[str, Any]):  # noqa: ANN202
+    """The region's ops applied to the unfolded tensors, in graph order."""
+
+    def emit(rw: Any) -> None:
+        folds = {rw[k]: rw[v] for k, v in region_names["folds"].items()}
+        nodes = [rw[n] for n in region_names["nodes"]]
+        unfolds = [rw[n] for n in region_names["unfolds"]]
+        meta = [rw[n] for n in region_names["metadata"]]
+        new: dict[fx.Node, fx.Node] = dict(folds)
+        for n in nodes:
+            new[n] = _emit_one(rw, n, new)
+        for u in unfolds:
+            src = u.args[0]
+            rw.replace(u, new[src])
+        for m in meta:  # size reads of folded rows: read a (free) folded view of the new value
+            src = m.args[0]
+            if src in new:
+                view = rw.call(aten.flatten.using_ints, (new[src], 0, -2), before=m, like=src)
+                m.replace_input_with(src, view)
+        for n in reversed(nodes):
+            rw.touched.append(n)
+        rw.touched.extend(folds)
+
+    return emit
+
+
+def _emit_one(rw: Any, n: fx.Node, new: dict[fx.Node, fx.Node]) -> fx.Node:
+    def m(a: Any) -> Any:
+        return new.get(a, a) if isinstance(a, fx.Node) else a
+
+    t = n.target
+    if t in DENSE:
+        w, b = _dense_weight(n)
+        if t is not aten.linear.default:
+            w = rw.call(aten.t.default, (w,), before=n)
+        return rw.tdd(m(_dense_input(n)), w, b, feature_dim=-1, site=n.name, before=n, like=n)
+    if t in RANDOM:  # one random number per element in memory order: keep row-major order
+        x = rw.call(aten.contiguous.default, (m(n.args[0]),), before=n)
+        return rw.call(t, (x, *n.args[1:]), dict(n.kwargs), before=n, like=n)
+    if t in RESHAPES:  # a reshape of the rows onto themselves
+        return m(n.args[0])
+    if t in (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default):
+        x = m(n.args[0])  # per-feature over rows: applied to a (free) folded view of x
+        flat = rw.call(aten.flatten.using_ints, (x, 0, -2), before=n)
+        y = rw.call(t, (flat, *n.args[1:]), dict(n.kwargs), before=n, like=n)
+        if t is not aten.batch_norm.default:
+            y = rw.call(operator.getitem, (y, 0), before=n)
+        return rw.call(aten.view_as.default, (y, x), before=n)
+    args = list(fx.node.map_aggregate(n.args, m))
+    idx = LAST_AXIS.get(t)
+    if idx is not None and len(args) > idx:
+        args[idx] = -1
+    return rw.call(t, args, dict(n.kwargs), before=n, like=n)
+
+
+class ReshapeFamily:
+    """Folds of leading axes into rows, dense layers on the rows, and the unfold back."""
+
+    pattern = PATTERN
+
+    def find(self, ctx: Context) -> list[Match]:
+        out: list[Match] = []
+        for region in _regions(ctx):
+            if _unused(region):
+                continue
+            nodes = [*region.folds, *region.nodes, *region.unfolds]
+            if not region.reason and not region.unfolds:
+                region.reason = "the rows stay folded: nothing restores the leading axes"
+            sites = []
+            status = "rejected" if region.reason else "found"
+            src = next(iter(region.folds.values()))
+            for d in region.dense:
+                sites.append(ctx.site(DENSE[d.target], status, d, src, d, region.reason, fd=-1,
+                                      kernel="" if region.reason else "linear"))
+                sites[-1].out_shape = (*sites[-1].in_shape[:-1], sites[-1].out_shape[-1]) \
+                    if sites[-1].in_shape and sites[-1].out_shape else sites[-1].out_shape
+            names = {
+                "folds": {k.name: v.name for k, v in region.folds.items()},
+                "nodes": [n.name for n in region.nodes],
+                "unfolds": [n.name for n in region.unfolds],
+                "metadata": [n.name for n in region.metadata if n.args[0] in region.members()],
+            }
+            emit = None if region.reason else _emit(names)
+            out.append(Match(PATTERN, sites, [n.name for n in nodes], emit=emit,
+                             reason=region.reason))
+        return out

@@ -1,0 +1,362 @@
+"""The pass as named stages, each a function of its inputs::
+
+    plan      -> the module(s) to capture: the model, or its largest exportable subtrees
+    capture   -> one torch.export graph per train/eval mode         (capture.capture)
+    find      -> matches from every registered family               (find)
+    verify    -> the verified subset of the proved matches, bisected (verify_mode)
+    finalize  -> programs installed on a copy of the user's module tree, and the report
+
+Site statuses are set in one place (:func:`settle`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import rewrite
+from ._state import preserved
+from .capture import Captured, CaptureError, capture, copy_module_tree, describe_failure
+from .families import FAMILIES, Context, Family, Match
+from .inputs import Example, leaf_names, resized
+from .program import CallMismatch, Program, install, tree_flags
+from .report import Report, Site
+from .verify import Reference, Verdict, fp64_reference, reference, verify
+
+#: standard layers worth capturing on their own when their parent cannot be captured
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+           nn.ConvTranspose3d)
+
+
+# --- find ------------------------------------------------------------------------------------
+def find(captured: Captured, families: Sequence[Family] = FAMILIES) -> tuple[list[Match], list[str]]:
+    """Every family's matches on one graph (a family that fails costs its own sites only)."""
+    ctx = Context(captured)
+    matches: list[Match] = []
+    notes: list[str] = []
+    for family in families:
+        try:
+            found = family.find(ctx)
+        except Exception as exc:  # a matcher bug must cost its rewrites, never the model
+            notes.append(f"the {family.pattern} matcher failed ({type(exc).__name__}: {exc}); "
+                         "its sites were not examined")
+            continue
+        for m in found:
+            ctx.claimed.update(m.nodes)
+        matches.extend(found)
+    return matches, notes
+
+
+# --- verify ----------------------------------------------------------------------------------
+@dataclass
+class ModeResult:
+    """What verification of one mode's graph decided."""
+
+    training: bool
+    program: Program | None
+    accepted: list[Match]
+    rolled_back: dict[int, str] = field(default_factory=dict)
+    verdict: Verdict | None = None
+    notes: list[str] = field(default_factory=list)
+    kernels: dict[str, str] = field(default_factory=dict)
+
+
+def build_program(captured: Captured, matches: list[Match], names: list[str],
+                  flags: tuple[bool, ...]) -> tuple[Program, dict[str, str]]:
+    gm, sites = rewrite.apply(captured, matches)
+    return Program(captured, gm, names, flags), sites
+
+
+def candidate_module(model: nn.Module, program: Program) -> nn.Module:
+    cand = copy_module_tree(model)
+    install(cand, [program])
+    return cand
+
+
+def alternative(model: nn.Module, example: Example, program: Program) -> Example | None:
+    """The example with other sizes on every axis the capture kept symbolic, accepted by the
+    capture's conditions and by the model itself."""
+    dims: dict[int, set[int]] = {}
+    leaves = example.leaves()
+    for i, d, e in program.checker.plan:
+        if not isinstance(e, int) and isinstance(leaves[i], torch.Tensor):
+            dims.setdefault(i, set()).add(d)
+    if not dims:
+        return None
+    for seed in range(4):
+        alt = resized(example, dims, seed=0x7DD + seed)
+        if alt is None:
+            return None
+        try:
+            program.checker.check(program.flatten(alt.args, alt.kwargs))
+            with preserved([model]), torch.no_grad():
+                alt.clone().call(model)
+        except (CallMismatch, Exception):
+            continue
+        return alt
+    return None
+
+
+def verify_mode(model: nn.Module, example: Example, captured: Captured, proved: list[Match],
+                flags: tuple[bool, ...]) -> ModeResult:
+    """Bisect ``proved`` down to the matches whose rewrite verifies (outputs and gradients
+    against the original, in this mode, on the example and on other sizes)."""
+    names = leaf_names(example)
+    result = ModeResult(captured.training, None, [])
+    base, _ = build_program(captured, [], names, flags)
+    sets = [example]
+    alt = alternative(model, example, base)
+    if alt is not None:
+        sets.append(alt)
+    else:
+        result.notes.append("no second input set with other sizes was accepted: verified on "
+                            "the example inputs only")
+    with preserved([model]):
+        for m, f in zip(model.modules(), flags):
+            m.training = f
+        ref64 = fp64_reference(model)
+        ref = reference(model, sets, ref64)
+    last: dict[str, Any] = {}
+
+    def check(matches: list[Match]) -> bool:
+        try:
+            program, kernels = build_program(captured, matches, names, flags)
+            v = _verify_program(model, program, sets, ref, flags)
+        except Exception as exc:
+            v, program, kernels = Verdict(False, float("inf"),
+                                          f"rewrite failed: {type(exc).__name__}: {exc}"), None, {}
+        last.update(v=v, program=program, kernels=kernels)
+        return v.ok
+
+    def bisect(cands: list[Match], accepted: list[Match]) -> list[Match]:
+        if not cands or check(accepted + cands):
+            return cands
+        if len(cands) == 1:
+            result.rolled_back[id(cands[0])] = f"verification failed: {last['v'].detail}"
+            return []
+        mid = len(cands) // 2
+        left = bisect(cands[:mid], accepted)
+        return left + bisect(cands[mid:], accepted + left)
+
+    if proved and check(proved):
+        good = proved
+    elif not check([]):
+        result.verdict = last["v"]
+        result.notes.append(f"the captured graph does not reproduce the model in "
+                            f"{_mode(captured.training)} mode ({last['v'].detail})")
+        result.rolled_back = {id(m): "the captured graph does not reproduce the model"
+                              for m in proved}
+        return result
+    else:
+        good = bisect(proved, [])
+        check(good)
+    result.accepted, result.verdict = good, last["v"]
+    result.program, result.kernels = last["program"], last["kernels"]
+    return result
+
+
+def _verify_program(model: nn.Module, program: Program, sets: list[Example], ref: Reference,
+                    flags: tuple[bool, ...]) -> Verdict:
+    cand = candidate_module(model, program)
+    for m, f in zip(cand.modules(), flags):
+        m.training = f
+    return verify(model, cand, sets, None, ref)
+
+
+def _mode(training: bool) -> str:
+    return "train" if training else "eval"
+
+
+# --- one module: capture, find, verify per mode ------------------------------------------------
+@dataclass
+class Part:
+    """One captured module (the model, or a subtree when the model cannot be captured whole)."""
+
+    path: str
+    module: nn.Module
+    example: Example
+    modes: dict[bool, ModeResult] = field(default_factory=dict)
+    matches: dict[bool, list[Match]] = field(default_factory=dict)
+    failures: dict[bool, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def capture_modes(module: nn.Module, example: Example) -> tuple[dict[bool, Captured],
+                                                                 dict[bool, str]]:
+    """The module's graph as it is (its own flags), and in the other mode."""
+    primary = module.training
+    out: dict[bool, Captured] = {}
+    failures: dict[bool, str] = {}
+    for training in (primary, not primary):
+        try:
+            out[training] = capture(module, example, training if training != primary else None)
+        except CaptureError as exc:
+            failures[training] = str(exc)
+    return out, failures
+
+
+def run_part(part: Part, optimize: bool) -> None:
+    captured, part.failures = capture_modes(part.module, part.example)
+    flags_now = tree_flags(part.module)
+    for training, cap in captured.items():
+        part.seconds += cap.seconds
+        matches, notes = find(cap)
+        part.matches[training] = matches
+        part.notes.extend(n for n in notes if n not in part.notes)
+        if not optimize:
+            continue
+        flags = flags_now if training == part.module.training else \
+            tuple(training for _ in flags_now)
+        proved = [m for m in matches if m.proved]
+        part.modes[training] = verify_mode(part.module, part.example, cap, proved, flags)
+
+
+# --- plan: whole model, or its exportable subtrees ---------------------------------------------
+def plan(model: nn.Module, example: Example, notes: list[str]) -> list[Part]:
+    """The model itself when it exports in its current mode; otherwise the largest exportable
+    subtrees, each with the inputs it received on the example (containers are looked inside)."""
+    whole = Part("", model, example)
+    try:
+        capture(model, example, None)
+        return [whole]
+    except CaptureError as exc:
+        notes.append(f"{type(model).__name__} as a whole: {exc}")
+    calls = record_calls(model, example)
+    parts: list[Part] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = prefix + name
+            if path not in calls:
+                if any(p.startswith(path + ".") for p in calls):
+                    visit(child, path + ".")  # a container: its children are called
+                continue
+            sub = calls[path]
+            if _is_standard(child) and not isinstance(child, _LAYERS):
+                continue
+            try:
+                capture(child, sub, None)
+                parts.append(Part(path, child, sub))
+            except CaptureError as exc:
+                notes.append(f"{path} ({type(child).__name__}) left out: {exc}")
+                visit(child, path + ".")
+
+    visit(model, "")
+    names = ", ".join(p.path for p in parts) or "none"
+    notes.append(f"captured its submodules instead, with the inputs each received on the "
+                 f"example: {names}")
+    return parts
+
+
+def _is_standard(m: nn.Module) -> bool:
+    mod = type(m).__module__
+    return mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")
+
+
+def record_calls(model: nn.Module, example: Example) -> dict[str, Example]:
+    """The arguments (positional and keyword) each submodule received first, during one run."""
+    calls: dict[str, Example] = {}
+    handles = []
+    for path, m in model.named_modules():
+        if not path:
+            continue
+
+        def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                path: str = path) -> None:
+            if path not in calls:
+                try:
+                    calls[path] = Example(tuple(args), dict(kwargs)).clone()
+                except Exception:
+                    pass
+
+        handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        with preserved([model]), torch.no_grad():
+            example.clone().call(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+# --- settle: the report rows, in one place ------------------------------------------------------
+def _key(site: Site) -> tuple[str, str, str]:
+    return (site.pattern, site.where, site.node)
+
+
+def settle(part: Part, optimize: bool, primary: bool) -> list[Site]:
+    """Each site's final status, from the primary mode (the other mode noted when it differs)."""
+    modes = [primary, not primary]
+    shown = next((m for m in modes if m in part.matches), None)
+    if shown is None:
+        return []
+    sites: list[Site] = []
+    for match in part.matches[shown]:
+        for site in match.sites:
+            site.status = _status(part, shown, match, optimize)
+            if site.status == "rolled_back":
+                site.reason = part.modes[shown].rolled_back.get(id(match), site.reason)
+                site.kernel = ""
+            if site.status == "rewritten":
+                res = part.modes[shown]
+                site.kernel = res.kernels.get(site.node, site.kernel)
+            sites.append(site)
+    other = not shown
+    if optimize and other in part.matches and other in part.modes:
+        _note_other_mode(part, shown, other, sites)
+    return sites
+
+
+def _status(part: Part, training: bool, match: Match, optimize: bool) -> str:
+    if not match.proved:
+        return "rejected"
+    if not optimize:
+        return "found"
+    res = part.modes.get(training)
+    if res is None or res.program is None or id(match) in res.rolled_back:
+        return "rolled_back"
+    return "rewritten" if any(m is match for m in res.accepted) else "rolled_back"
+
+
+def _note_other_mode(part: Part, shown: bool, other: bool, sites: list[Site]) -> None:
+    res = part.modes[other]
+    status = {}
+    for match in part.matches[other]:
+        st = _status(part, other, match, True)
+        why = res.rolled_back.get(id(match), match.reason)
+        for s in match.sites:
+            status[(s.pattern, s.where)] = (st, why)
+    for s in sites:
+        st, why = status.get((s.pattern, s.where), ("missing", "not found"))
+        if (st == "rewritten") != (s.status == "rewritten"):
+            prefix = f"{part.path}." if part.path else ""
+            part.notes.append(f"{prefix}{s.where}: {st} in {_mode(other)} mode"
+                              + (f" ({why})" if why and st != "rewritten" else ""))
+
+
+# --- finalize -----------------------------------------------------------------------------------
+def finalize(model: nn.Module, parts: list[Part]) -> nn.Module:
+    """A copy of the user's module tree (same classes and attributes, the original parameters
+    and buffers) with each captured part running its verified programs."""
+    root = copy_module_tree(model)
+    for part in parts:
+        programs = [r.program for r in part.modes.values() if r.program is not None]
+        if not programs:
+            continue
+        target = root.get_submodule(part.path) if part.path else root
+        install(target, programs)
+    return root
+
+
+def describe(exc: BaseException) -> str:
+    return describe_failure(exc)
+
+
+def new_report(kind: str, model: nn.Module, example: Example | None) -> Report:
+    return Report(mode=kind, model=type(model).__name__,  # type: ignore[arg-type]
+                  inputs=example.summary() if example is not None else "")

@@ -1,0 +1,253 @@
+"""The optimized module at call time.
+
+The result of ``optimize`` is the user's own module tree (same classes, attributes and methods;
+the original ``Parameter`` and buffer objects) whose rewritten modules get an instance-level
+``forward``: an :class:`OptimizedForward` holding one :class:`Program` per captured mode.  A call
+
+1. picks the program of the current mode (``self.training`` and every submodule's flag as they
+   were at capture),
+2. checks the call against what the capture covered — the same argument structure and keyword
+   names, the same non-tensor values, the same ranks/dtypes/devices, every size that the capture
+   fixed, every symbolic size within its range and consistent with the others,
+3. fetches parameters, buffers and tensor attributes from the live module (so
+   ``load_state_dict(assign=True)``, ``functional_call`` and parametrizations are honoured) and
+   runs the graph.
+
+Whenever 1 or 2 fails it runs the user's original ``forward`` on the same live module tree, with a
+one-time warning saying what differed.  Nothing is ever silently skipped.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from .capture import Captured
+
+_ASSERT = "Runtime assertion failed"
+
+
+class CallMismatch(Exception):
+    """A call outside what a program was captured for (the message says what differed)."""
+
+
+def _expr(size: Any) -> Any:
+    e = size.node.expr if isinstance(size, torch.SymInt) else int(size)
+    return int(e) if isinstance(e, (int, sympy.Integer)) else e
+
+
+def _bound(v: Any) -> int | None:
+    try:
+        return int(v) if bool(getattr(v, "is_finite", True)) else None
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
+
+
+class InputChecker:
+    """Decides, cheaply, whether flat call inputs are within what the capture covered."""
+
+    def __init__(self, captured: Captured, names: list[str]) -> None:
+        self.names = names
+        vals = [n.meta.get("val") for n in captured.placeholders()][len(captured.state):]
+        self.leaves: list[tuple[str, Any]] = []
+        ranges = captured.range_constraints
+        self.ranges = {s: (_bound(r.lower), _bound(r.upper))
+                       for s, r in ranges.items() if isinstance(s, sympy.Symbol)}
+        self.plan: list[tuple[int, int, Any]] = []  # (leaf, dim, expr) in binding order
+        later: list[tuple[int, int, Any]] = []
+        for i, v in enumerate(vals):
+            if isinstance(v, Tensor):
+                self.leaves.append(("tensor", (v.dim(), v.dtype, v.device.type)))
+                for d, s in enumerate(v.shape):
+                    e = _expr(s)
+                    (self.plan if isinstance(e, (int, sympy.Symbol)) else later).append((i, d, e))
+            else:
+                self.leaves.append(("value", v))
+        self.plan.sort(key=lambda p: isinstance(p[2], int))  # symbols bind before constants
+        self.plan += later
+
+    def check(self, flat: list[Any]) -> None:
+        if len(flat) != len(self.leaves):
+            raise CallMismatch(f"{len(flat)} input leaves instead of {len(self.leaves)}")
+        for i, ((kind, info), x) in enumerate(zip(self.leaves, flat)):
+            if kind == "tensor":
+                if not isinstance(x, Tensor):
+                    raise CallMismatch(f"{self.names[i]} is a {type(x).__name__}, captured as a "
+                                       "tensor")
+                if (x.dim(), x.dtype, x.device.type) != info:
+                    raise CallMismatch(f"{self.names[i]} is {x.dim()}-D {x.dtype} on "
+                                       f"{x.device.type}, captured as {info[0]}-D {info[1]} on "
+                                       f"{info[2]}")
+            elif type(x) is not type(info) or x != info:
+                raise CallMismatch(f"{self.names[i]} is {x!r}, captured at {info!r}")
+        bound: dict[Any, int] = {}
+        for i, d, e in self.plan:
+            size = flat[i].shape[d]
+            if isinstance(e, int):
+                if size != e:
+                    raise CallMismatch(f"{self.names[i]}.shape[{d}] is {size}; the capture fixed "
+                                       f"it at {e}")
+                continue
+            if isinstance(e, sympy.Symbol) and e not in bound:
+                lo, hi = self.ranges.get(e, (0, None))
+                lo = lo or 0
+                if size < lo or (hi is not None and size > hi):
+                    raise CallMismatch(f"{self.names[i]}.shape[{d}] is {size}, outside the "
+                                       f"captured range [{lo}, {hi if hi is not None else 'inf'}]")
+                bound[e] = size
+                continue
+            want = e.xreplace(bound)
+            if not want.is_Integer or int(want) != size:
+                raise CallMismatch(f"{self.names[i]}.shape[{d}] is {size}; the capture needs "
+                                   f"{e} = {want}")
+
+
+class Program:
+    """One captured (and rewritten) graph, for one mode, callable on a live module tree."""
+
+    def __init__(self, captured: Captured, gm: fx.GraphModule, names: list[str],
+                 flags: tuple[bool, ...]) -> None:
+        self.training = captured.training
+        self.gm = gm
+        self.state = captured.state
+        self.constants = captured.constants
+        self.in_spec = captured.in_spec
+        self.out_spec = captured.out_spec
+        self.mutated = captured.mutated_buffers
+        self.flags = flags
+        self.checker = InputChecker(captured, names)
+        self.kw_order = _kw_order(captured.in_spec)
+
+    def flatten(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        if set(kwargs) != set(self.kw_order):
+            extra = sorted(set(kwargs) - set(self.kw_order))
+            missing = sorted(set(self.kw_order) - set(kwargs))
+            raise CallMismatch("keyword arguments differ from the captured call (" + "; ".join(
+                p for p in (f"new: {', '.join(extra)}" if extra else "",
+                            f"omitted: {', '.join(missing)}" if missing else "") if p) + ")")
+        kwargs = {k: kwargs[k] for k in self.kw_order}
+        flat, spec = pytree.tree_flatten(((args, kwargs), {}))
+        if spec != self.in_spec:
+            raise CallMismatch("the arguments' structure differs from the captured call (another "
+                               "number of arguments, None instead of a tensor, another nesting)")
+        return flat
+
+    def run(self, module: nn.Module, flat: list[Any]) -> Any:
+        state = [_fetch(module, kind, target, self.constants) for kind, target in self.state]
+        try:
+            out = self.gm(*state, *flat)
+        except RuntimeError as exc:
+            if _ASSERT in str(exc):
+                raise CallMismatch(f"a size condition of the capture fails ({exc})") from exc
+            raise
+        out = list(out) if isinstance(out, (tuple, list)) else [out]
+        if self.mutated:
+            with torch.no_grad():
+                for target, value in zip(self.mutated, out):
+                    _fetch(module, "buffer", target, {}).copy_(value)
+            out = out[len(self.mutated):]
+        return pytree.tree_unflatten(out, self.out_spec)
+
+
+def _kw_order(in_spec: pytree.TreeSpec) -> list[str]:
+    """Keyword names of the captured call, from the spec of ``((args, kwargs), {})``."""
+    kw = in_spec.child(0).child(1)
+    return list(kw.context)
+
+
+def _fetch(module: nn.Module, kind: str, target: str, constants: dict[str, Any]) -> Any:
+    obj: Any = module
+    try:
+        for part in target.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        if kind == "constant" and target in constants:
+            return constants[target]
+        raise
+    return obj
+
+
+def tree_flags(module: nn.Module) -> tuple[bool, ...]:
+    return tuple(m.training for m in module.modules())
+
+
+class OptimizedForward:
+    """The instance-level ``forward`` of an optimized module (see the module docstring)."""
+
+    def __init__(self, module: nn.Module, programs: list[Program]) -> None:
+        self.module = module
+        self.programs = programs
+        self.warned: set[str] = set()
+
+    def rebind(self, module: nn.Module) -> OptimizedForward:
+        """The same programs on another copy of the module (see ``copy_module_tree``)."""
+        return OptimizedForward(module, self.programs)
+
+    def original(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        m = self.module
+        flags = tree_flags(m)
+        program = next((p for p in self.programs if p.flags == flags), None)
+        if program is None:
+            mode = "train" if m.training else "eval"
+            why = (f"no graph was captured and verified for this mode ({mode}, with these "
+                   "submodule train/eval flags)")
+        else:
+            try:
+                flat = program.flatten(args, kwargs)
+                if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+                    program.checker.check(flat)
+                return program.run(m, flat)
+            except CallMismatch as exc:
+                why = str(exc)
+        self._warn(why)
+        return self.original(*args, **kwargs)
+
+    def _warn(self, why: str) -> None:
+        if why in self.warned:
+            return
+        self.warned.add(why)
+        warnings.warn(f"tdd_fx: {type(self.module).__name__}: {why}; running the original "
+                      "forward instead (warned once)", RuntimeWarning, stacklevel=3)
+
+
+def install(module: nn.Module, programs: list[Program]) -> None:
+    """Make ``module`` (a copy owned by tdd_fx) run ``programs``, falling back to its class's
+    own ``forward``."""
+    module.forward = OptimizedForward(module, programs)  # type: ignore[method-assign]
+
+
+def programs_of(module: nn.Module) -> list[Program]:
+    fwd = module.__dict__.get("forward")
+    return list(fwd.programs) if isinstance(fwd, OptimizedForward) else []
+
+
+def graphs(module: nn.Module) -> dict[str, Any]:
+    """The rewritten graphs of an optimized module, by module path and mode:
+    ``{"": {"train": gm, "eval": gm}, "encoder.block": {...}}`` (for inspection)."""
+    out: dict[str, Any] = {}
+    for path, m in module.named_modules():
+        progs = programs_of(m)
+        if progs:
+            out[path] = {("train" if p.training else "eval"): p.gm for p in progs}
+    return out
+
+
+def graph_of(module: nn.Module, path: str = "", mode: str | None = None) -> fx.GraphModule:
+    """The rewritten graph that runs for ``module`` (or its submodule ``path``) in ``mode``
+    (default: the module's current mode)."""
+    target = module.get_submodule(path) if path else module
+    want = target.training if mode is None else mode == "train"
+    for p in programs_of(target):
+        if p.training == want:
+            return p.gm
+    raise LookupError(f"no optimized graph for {path or type(module).__name__} in "
+                      f"{'train' if want else 'eval'} mode")

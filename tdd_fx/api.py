@@ -61,6 +61,8 @@ def _run(model: nn.Module, example: Example, report: Report, optimize: bool) -> 
                                 "that mode runs the original code")
         for res in part.modes.values():
             report.notes.extend(prefix + n for n in res.notes)
+            if res.program is not None:
+                report.guards.extend(prefix + g for g in res.program.checker.guards())
         sites = pl.settle(part, optimize, part.module.training)
         for s in sites:
             if part.path:
@@ -68,6 +70,8 @@ def _run(model: nn.Module, example: Example, report: Report, optimize: bool) -> 
                 s.where = f"{part.path}.{s.where}"
         report.sites.extend(sites)
         report.notes.extend(prefix + n for n in part.notes)
+    report.notes[:] = list(dict.fromkeys(report.notes))
+    report.guards[:] = list(dict.fromkeys(report.guards))
     return parts
 
 

@@ -16,7 +16,7 @@ aten = torch.ops.aten
 #: ops that only re-lay the elements of one tensor (row-major order kept)
 RESHAPES = frozenset({
     aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-    aten.flatten.using_ints, aten.unflatten.int,
+    aten.flatten.using_ints, aten.unflatten.int, aten.view_as.default, aten.reshape_as.default,
 })
 
 #: ops whose result is their input, as far as values go
@@ -75,8 +75,41 @@ CONVS = frozenset({aten.conv1d.default, aten.conv2d.default, aten.conv3d.default
                    aten.convolution.default, aten.conv1d.padding, aten.conv2d.padding,
                    aten.conv3d.padding})
 
+#: products of two tensors a hand-written dense layer is spelled with (``einsum``, ``@``, ``bmm``)
+PRODUCTS = frozenset({aten.einsum.default, aten.matmul.default, aten.bmm.default,
+                      aten.baddbmm.default})
+
+#: ops that only permute the axes of one tensor (a transpose of a matrix among them)
+PERMUTES = frozenset({aten.t.default, aten.transpose.int, aten.permute.default,
+                      aten.numpy_T.default})
+
 CONV_TRANSPOSES = frozenset({aten.conv_transpose1d.default, aten.conv_transpose2d.input,
                              aten.conv_transpose3d.input})
+
+#: ops that join per-step results along an axis (where a Python loop's steps meet)
+JOINS = frozenset({aten.stack.default, aten.cat.default})
+
+#: ops that cut a tensor into pieces along an axis, each piece read with ``operator.getitem``
+SPLITS = frozenset({aten.unbind.int, aten.split.Tensor, aten.split_with_sizes.default,
+                    aten.chunk.default, aten.unsafe_split.Tensor})
+
+#: ops that read one position (``select``) or a slab (``slice``, ``narrow``) of one axis
+PICKS = frozenset({aten.select.int, aten.slice.Tensor, aten.narrow.default})
+
+#: dense layers on rows: ``linear(x, W(out, in), b)``, ``addmm(b, x, W(in, out))``,
+#: ``mm(x, W(in, out))``, ``matmul(x, W(in, out))``
+DENSE = frozenset({aten.linear.default, aten.addmm.default, aten.mm.default,
+                   aten.matmul.default})
+
+#: batch normalisation, in every form a capture records
+BATCH_NORMS = frozenset({aten.batch_norm.default,
+                         aten._native_batch_norm_legit_no_training.default,
+                         aten._native_batch_norm_legit_functional.default,
+                         aten._native_batch_norm_legit.default, aten.native_batch_norm.default})
+
+#: dropouts called as ``(x, p, train)``: the identity when ``train`` is False or ``p`` is 0
+DROPOUTS = frozenset({aten.dropout.default, aten.alpha_dropout.default,
+                      aten.feature_dropout.default, aten.feature_alpha_dropout.default})
 
 
 def is_op(node: Any, ops: Any) -> bool:

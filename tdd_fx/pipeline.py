@@ -67,8 +67,11 @@ class ModeResult:
 
 def build_program(captured: Captured, matches: list[Match], names: list[str],
                   flags: tuple[bool, ...]) -> tuple[Program, dict[str, str]]:
-    gm, sites = rewrite.apply(captured, matches)
-    return Program(captured, gm, names, flags), sites
+    gm, kernels = rewrite.apply(captured, matches)
+    fixed: dict[Any, int] = {}
+    for m in matches:
+        fixed.update(m.guards)
+    return Program(captured, gm, names, flags, fixed), kernels
 
 
 def candidate_module(model: nn.Module, program: Program) -> nn.Module:
@@ -269,10 +272,7 @@ def record_calls(model: nn.Module, example: Example) -> dict[str, Example]:
         def pre(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                 path: str = path) -> None:
             if path not in calls:
-                try:
-                    calls[path] = Example(tuple(args), dict(kwargs)).clone()
-                except Exception:
-                    pass
+                calls[path] = Example(tuple(args), dict(kwargs)).clone()
 
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
     try:

@@ -52,8 +52,11 @@ def _bound(v: Any) -> int | None:
 class InputChecker:
     """Decides, cheaply, whether flat call inputs are within what the capture covered."""
 
-    def __init__(self, captured: Captured, names: list[str]) -> None:
+    def __init__(self, captured: Captured, names: list[str],
+                 fixed: dict[Any, int] | None = None) -> None:
         self.names = names
+        #: sizes a rewrite relied on at their example values (symbol -> value)
+        self.fixed = dict(fixed or {})
         vals = [n.meta.get("val") for n in captured.placeholders()][len(captured.state):]
         self.leaves: list[tuple[str, Any]] = []
         ranges = captured.range_constraints
@@ -71,6 +74,14 @@ class InputChecker:
                 self.leaves.append(("value", v))
         self.plan.sort(key=lambda p: isinstance(p[2], int))  # symbols bind before constants
         self.plan += later
+        self.where = {}
+        for i, d, e in self.plan:
+            if isinstance(e, sympy.Symbol) and e not in self.where:
+                self.where[e] = f"{names[i] if i < len(names) else i}.shape[{d}]"
+
+    def guards(self) -> list[str]:
+        """The sizes rewrites relied on, as the user reads them (``x.shape[0] == 4``)."""
+        return [f"{self.where.get(s, s)} == {v}" for s, v in self.fixed.items()]
 
     def check(self, flat: list[Any]) -> None:
         if len(flat) != len(self.leaves):
@@ -106,13 +117,17 @@ class InputChecker:
             if not want.is_Integer or int(want) != size:
                 raise CallMismatch(f"{self.names[i]}.shape[{d}] is {size}; the capture needs "
                                    f"{e} = {want}")
+        for s, v in self.fixed.items():
+            if bound.get(s, v) != v:
+                raise CallMismatch(f"{self.where.get(s, s)} is {bound[s]}; a rewrite relied on "
+                                   f"it being {v}")
 
 
 class Program:
     """One captured (and rewritten) graph, for one mode, callable on a live module tree."""
 
     def __init__(self, captured: Captured, gm: fx.GraphModule, names: list[str],
-                 flags: tuple[bool, ...]) -> None:
+                 flags: tuple[bool, ...], fixed: dict[Any, int] | None = None) -> None:
         self.training = captured.training
         self.gm = gm
         self.state = captured.state
@@ -121,7 +136,7 @@ class Program:
         self.out_spec = captured.out_spec
         self.mutated = captured.mutated_buffers
         self.flags = flags
-        self.checker = InputChecker(captured, names)
+        self.checker = InputChecker(captured, names, fixed)
         self.kw_order = _kw_order(captured.in_spec)
 
     def flatten(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:

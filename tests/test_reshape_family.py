@@ -5,18 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_equivalent
-from zoo import NEGATIVE, POSITIVE, Body, make_input
+from zoo import NEGATIVE, POSITIVE, UNRELATED, Body, make_input
 
 import tdd_fx
 from tdd_fx.ops import time_distributed_dense
 
 
-def _canonical_nodes(gm: torch.nn.Module) -> list:
-    return [n for n in gm.graph.nodes if n.target is time_distributed_dense]
+aten = torch.ops.aten
 
 
-RESHAPES = {"view", "reshape", "flatten", "unflatten", "view_as", "contiguous", "transpose",
-            "permute"}
+def _canonical_nodes(opt: torch.nn.Module) -> list:
+    return [n for n in tdd_fx.graph_of(opt).graph.nodes if n.target is time_distributed_dense]
+
+
+RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+            aten.flatten.using_ints, aten.unflatten.int, aten.view_as.default,
+            aten.contiguous.default, aten.transpose.int, aten.permute.default}
+
+
+def _is_reshape(n: object) -> bool:
+    return isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target in RESHAPES
 
 
 @pytest.mark.parametrize("name", sorted(POSITIVE))
@@ -35,16 +43,17 @@ def test_spelling_is_rewritten(name: str, training: bool) -> None:
         neighbours = [node.args[0], *node.users]
         # BatchNorm1d keeps a local fold (flatten -> bn -> view_as): it normalises axis 1
         neighbours = [n for n in neighbours if not _local_fold_of_norm(n)]
-        assert not any(n.op == "call_method" and n.target in RESHAPES for n in neighbours), opt.code
+        assert not any(_is_reshape(n) for n in neighbours), tdd_fx.graph_of(opt).code
     assert list(opt.state_dict()) == list(model.state_dict())
     assert_equivalent(opt, model, (x,))
 
 
 def _local_fold_of_norm(n: torch.fx.Node) -> bool:
-    if n.op == "call_method" and n.target == "flatten":
-        return any(u.op == "call_module" and u.target == "bn" for u in n.users)
-    if n.op == "call_method" and n.target == "view_as":
-        return n.args[0].op == "call_module" and n.args[0].target == "bn"
+    norms = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
+    if n.target == aten.flatten.using_ints:
+        return any(u.target in norms for u in n.users)
+    if n.target == aten.view_as.default:
+        return n.args[0].target in norms
     return False
 
 
@@ -86,6 +95,17 @@ def test_near_miss_is_rejected_with_reason(name: str) -> None:
     torch.testing.assert_close(opt(x), model(x))
 
 
+@pytest.mark.parametrize("name", sorted(UNRELATED))
+def test_unrelated_dense_is_left_alone(name: str) -> None:
+    fn, shape = UNRELATED[name]
+    model = Body(fn).eval()
+    x = make_input(shape, name)
+    opt = tdd_fx.optimize(model, (x,))
+    assert not opt.tdd_report.rewritten
+    assert not _canonical_nodes(opt)
+    torch.testing.assert_close(opt(x), model(x))
+
+
 def test_done_criterion_wrapper_chain() -> None:
     """The issue's acceptance model: one canonical node per Linear, nothing around them."""
 
@@ -114,10 +134,10 @@ def test_done_criterion_wrapper_chain() -> None:
     report = opt.tdd_report
     assert [s.module for s in report.rewritten] == ["td.fc1", "td.fc2"]
     assert all("test_reshape_family.py:" in s.where for s in report.rewritten)
-    ops = [n for n in opt.graph.nodes if n.op in ("call_method", "call_function", "call_module")]
-    kinds = [n.target if n.op != "call_module" else n.target for n in ops]
-    assert kinds.count(time_distributed_dense) == 2
-    assert not any(n.op == "call_method" and n.target in RESHAPES for n in ops), opt.code
+    gm = tdd_fx.graph_of(opt)
+    ops = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert [n.target for n in ops].count(time_distributed_dense) == 2
+    assert not any(_is_reshape(n) for n in ops), gm.code
     assert {id(p) for p in opt.parameters()} == {id(p) for p in model.parameters()}
     assert list(opt.state_dict()) == list(model.state_dict())
     assert_equivalent(opt, model, (x,))
@@ -125,9 +145,9 @@ def test_done_criterion_wrapper_chain() -> None:
 
 
 def test_region_stops_where_the_next_wrapper_begins() -> None:
-    """TimeDistributed(Linear) then TimeDistributed(module with two parallel Linears): the first
-    wrapper's region would run on into the second's fold (which is not provable); it is cut at
-    the first wrapper's unfold instead of being rejected whole."""
+    """TimeDistributed(Linear) then TimeDistributed(module with two parallel Linears, a GLU):
+    each wrapper is its own region, and both are rewritten (the GLU's two Linears read the same
+    folded rows and meet in a row-wise product)."""
 
     class TD(torch.nn.Module):
         def __init__(self, m: torch.nn.Module) -> None:
@@ -149,6 +169,7 @@ def test_region_stops_where_the_next_wrapper_begins() -> None:
     model = torch.nn.Sequential(TD(torch.nn.Linear(6, 5)), TD(GLU(5)))
     x = torch.randn(3, 10, 6)
     opt = tdd_fx.optimize(model, (x,))
-    assert [(s.module, s.status) for s in opt.tdd_report.sites] == [("0.module", "rewritten")]
+    assert [(s.module, s.status) for s in opt.tdd_report.sites] == [
+        ("0.module", "rewritten"), ("1.module.fc1", "rewritten"), ("1.module.fc2", "rewritten")]
     assert_equivalent(opt, model, (x,))
     assert_equivalent(opt, model, (torch.randn(2, 7, 6),))

@@ -111,15 +111,12 @@ NEGATIVE: dict[str, tuple[Callable[..., torch.Tensor], tuple[int, ...], str]] = 
     "restore_merges_axes_4d": (
         lambda s, x: s.fc(x.contiguous().view(-1, x.size(-1))).view(x.size(0), -1, OUT),
         (2, 3, 5, FEAT), "different split"),
-    "splits_features_after_dense": (
-        lambda s, x: s.fc(x[:, 0]).view(x.size(0), 2, OUT // 2), (B, T, FEAT),
-        "splits the feature axis"),
     "fold_around_embedding": (
         lambda s, x: s.emb(x.view(-1)).view(x.size(0), x.size(1), -1), (B, T), "Embedding"),
     "fold_around_interpolate": (
         lambda s, x: F.interpolate(x.reshape(-1, 1, x.size(-1)), scale_factor=2.0)
         .view(x.size(0), x.size(1), -1),
-        (B, T, FEAT), "interpolate"),
+        (B, T, FEAT), "upsample"),
     "fold_around_batchnorm_only": (
         lambda s, x: s.bn(x.reshape(-1, OUT)).view(x.shape[0], x.shape[1], OUT), (B, T, OUT),
         "BatchNorm1d"),
@@ -130,6 +127,13 @@ NEGATIVE: dict[str, tuple[Callable[..., torch.Tensor], tuple[int, ...], str]] = 
     "transpose_inside_fold": (
         lambda s, x: s.fc(x.reshape(-1, FEAT).t().contiguous().t()).view(x.size(0), -1, OUT),
         (B, T, FEAT), "moves axes"),
+}
+
+
+#: not a time-distributed dense site at all (nothing is folded): never reported, never changed
+UNRELATED: dict[str, tuple[Callable[..., torch.Tensor], tuple[int, ...]]] = {
+    "splits_features_after_dense": (
+        lambda s, x: s.fc(x[:, 0]).view(x.size(0), 2, OUT // 2), (B, T, FEAT)),
 }
 
 

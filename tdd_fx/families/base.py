@@ -10,6 +10,8 @@ edit the graph they match.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -17,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import sympy
 import torch
 import torch.fx as fx
+
+from torch._guards import detect_fake_mode
 
 from ..capture import Captured, from_tdd, node_location, node_module_path
 from ..report import Site
@@ -39,6 +43,37 @@ class Context:
         nodes = list(self.captured.gm.graph.nodes)
         self.order = {n: i for i, n in enumerate(nodes)}
         self.state = {n: target for n, (_, target) in zip(nodes, self.captured.state)}
+        fake = detect_fake_mode([n.meta.get("val") for n in nodes if n.op == "placeholder"])
+        env = getattr(fake, "shape_env", None)
+        #: each symbolic size's value on the example
+        self.hints: dict[Any, int] = dict(env.var_to_val) if env is not None else {}
+
+    def equal(self, a: Any, b: Any, guards: dict[Any, int]) -> bool:
+        """``a == b`` for every size the capture admits, or — when one side is a literal that
+        the other equals on the example — for the sizes that ``guards`` (updated here) fix to
+        their example values.  Two different symbolic sizes that merely happen to be equal on
+        the example are not equal."""
+        ea, eb = expr(a).xreplace(guards), expr(b).xreplace(guards)
+        if sympy.simplify(ea - eb) == 0:
+            return True
+        if not (ea.is_number or eb.is_number):
+            return False
+        const, other = (ea, eb) if ea.is_number else (eb, ea)
+        if other.xreplace(self.hints) != const:
+            return False
+        for sym in other.free_symbols:
+            guards[sym] = int(self.hints[sym])
+        return True
+
+    def equal_shape(self, a: Any, b: Any, guards: dict[Any, int]) -> bool:
+        if a is None or b is None:
+            return False
+        a, b = list(a), list(b)
+        trial = dict(guards)
+        if len(a) != len(b) or not all(self.equal(x, y, trial) for x, y in zip(a, b)):
+            return False
+        guards.update(trial)
+        return True
 
     @property
     def graph(self) -> fx.Graph:
@@ -83,12 +118,35 @@ class Context:
 
 
 aten = torch.ops.aten
+_FRAME_FN = re.compile(r'File "([^"]+)", line \d+, in (\w+)')
 _FREE_VIEWS = frozenset({aten.t.default, aten.view.default, aten.reshape.default,
                          aten.permute.default, aten.transpose.int, aten.unsqueeze.default,
                          aten.squeeze.dim, aten.squeeze.dims, aten.expand.default,
                          aten.flatten.using_ints, aten.numpy_T.default, aten.detach.default,
                          aten.alias.default, aten._unsafe_view.default,
                          aten.contiguous.default, aten.to.dtype, aten._to_copy.default})
+
+
+_FUNCTIONAL = os.path.join("torch", "nn", "functional.py")
+
+
+def op_label(node: fx.Node) -> str:
+    """What the user wrote for ``node``: the layer's class (``BatchNorm1d``), the functional
+    (``interpolate``) or the ATen op, with the user's line."""
+    text = node.meta.get("stack_trace") or ""
+    frames = _FRAME_FN.findall(text)
+    name = ""
+    if frames and _FUNCTIONAL in frames[-1][0]:
+        name = frames[-1][1]
+    if not name:
+        stack = node.meta.get("nn_module_stack") or {}
+        cls = str(list(stack.values())[-1][1]) if stack else ""
+        if cls.startswith("torch.nn.modules.") or cls.startswith("<class 'torch.nn.modules."):
+            name = cls.rsplit(".", 1)[-1].strip("'>")  # a standard layer: its class
+    if not name:
+        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+    where = node_location(node)
+    return name + (f" ({where})" if where else "")
 
 
 def example_shape(shape: tuple[Any, ...] | None) -> tuple[int, ...] | None:
@@ -150,6 +208,8 @@ class Match:
     nodes: list[str]
     emit: Emit | None = None
     reason: str = ""
+    #: sizes the proof fixed to their example values (symbol -> value): checked at call time
+    guards: dict[Any, int] = field(default_factory=dict)
 
     @property
     def proved(self) -> bool:

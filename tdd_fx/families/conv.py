@@ -83,8 +83,9 @@ def spanned_axes(p: ConvParams) -> list[int] | str:
         if pad[i] == 0 and p.dilation[i] == 1 and axis < len(shape) and same(shape[axis], k):
             spans.append(axis)
             continue
+        size = example_shape((shape[axis],))[0] if axis < len(shape) else "?"
         return (f"kernel size {k} on axis {axis} mixes neighbouring positions (it neither is 1 "
-                f"nor spans the whole axis of size {example_shape((shape[axis],))[0] if axis < len(shape) else '?'})")
+                f"nor spans the whole axis of size {size})")
     return spans
 
 

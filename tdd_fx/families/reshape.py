@@ -28,7 +28,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..capture import node_location
 from ..optables import (
     BINARY,
     IDENTITY,
@@ -39,7 +38,7 @@ from ..optables import (
     UNARY,
     in_place,
 )
-from .base import Context, Match, product, render, same, same_shape
+from .base import Context, Match, expr, op_label, product, rejected, render, same, same_shape
 
 aten = torch.ops.aten
 PATTERN = "reshape"
@@ -52,6 +51,8 @@ class Region:
     """The folded rows of one or more folds of the same leading sizes, and what they pass."""
 
     lead: tuple[Any, ...]
+    #: False for a near-miss fold (not of the leading axes only): never rewritten
+    strict: bool = True
     folds: dict[fx.Node, fx.Node] = field(default_factory=dict)  # fold node -> unfolded source
     nodes: list[fx.Node] = field(default_factory=list)  # row-wise ops, in graph order
     dense: list[fx.Node] = field(default_factory=list)
@@ -59,23 +60,39 @@ class Region:
     metadata: list[fx.Node] = field(default_factory=list)
     reason: str = ""
     culprit: fx.Node | None = None
+    guards: dict[Any, int] = field(default_factory=dict)
 
     def members(self) -> set[fx.Node]:
         return set(self.folds) | set(self.nodes)
 
 
-def fold_of(node: fx.Node, ctx: Context) -> fx.Node | None:
+def fold_of(node: fx.Node, ctx: Context, guards: dict[Any, int]) -> fx.Node | None:
     """The unfolded source ``x`` when ``node`` is ``x.reshape(prod(x.shape[:-1]), F)`` with
-    ``x`` of rank >= 3; else None."""
+    ``x`` of rank >= 3 (literal sizes guarded); else None."""
     if node.op != "call_function" or node.target not in RESHAPES:
         return None
     src = node.args[0]
     s_in, s_out = ctx.shape(src), ctx.shape(node)
     if s_in is None or s_out is None or len(s_in) < 3 or len(s_out) != 2:
         return None
-    if not (same(s_out[1], s_in[-1]) and same(s_out[0], product(s_in[:-1]))):
+    if not ctx.equal_shape(s_out, (product(s_in[:-1]), s_in[-1]), guards):
         return None
     return src
+
+
+def loose_fold_of(node: fx.Node, ctx: Context) -> fx.Node | None:
+    """``x`` when ``node`` folds two or more leading axes of ``x`` into its first axis, however
+    it lays out the rest (``x.view(-1)``, ``x.reshape(-1, 1, F)``): a near-miss to report."""
+    if node.op != "call_function" or node.target not in RESHAPES:
+        return None
+    src = node.args[0]
+    s_in, s_out = ctx.shape(src), ctx.shape(node)
+    if s_in is None or s_out is None or len(s_in) < 2 or len(s_out) > len(s_in):
+        return None
+    for k in range(2, len(s_in) + 1):
+        if same(s_out[0], product(s_in[:k])) and same(product(s_out[1:]), product(s_in[k:])):
+            return src
+    return None
 
 
 def _dense_input(node: fx.Node) -> Any:
@@ -136,11 +153,17 @@ class _Grow:
             return "metadata"
         shape = ctx.shape(user)
         if t in RESHAPES:
-            if shape is not None and same_shape(shape, (*self.r.lead, shape[-1])) and len(shape) > 2:
+            if (shape is not None and len(shape) > 2
+                    and ctx.equal_shape(shape[:-1], self.r.lead, self.r.guards)):
                 return "unfold"
-            if shape is not None and len(shape) == 2 and same(shape[-1], ctx.shape(src)[-1]):
-                return "member" if same(shape[0], product(self.r.lead)) else self._split(user, shape)
+            if shape is not None and ctx.equal_shape(shape, (product(self.r.lead),
+                                                             ctx.shape(src)[-1]), self.r.guards):
+                return "member"
             return self._split(user, shape)
+        if t in (aten.t.default, aten.transpose.int, aten.permute.default):
+            self.fail(user, f"{_op(user)} moves axes inside the fold: the rows are no longer "
+                            "positions")
+            return ""
         if in_place(user) and src in self.r.folds:
             self.fail(user, f"{_op(user)} writes through the fold into the tensor it was taken from")
             return ""
@@ -156,12 +179,21 @@ class _Grow:
             return self._batch_norm(user)
         if t is aten.layer_norm.default:
             return self._last_axis(user)
-        self.fail(user, f"the rows stay folded into {_op(user)}")
+        self.fail(user, f"the fold wraps {_op(user)}, which is not a dense layer: the rows stay "
+                        "folded")
         return ""
 
     def _split(self, user: fx.Node, shape: Any) -> str:
-        self.fail(user, f"the rows are restored as {render(shape)}, a different split than the "
-                        f"folded axes {render(self.r.lead)}: not time-distributed")
+        lead = [expr(d) for d in self.r.lead]
+        got = [expr(d) for d in (shape or ())[:-1]]
+        if len(got) == len(lead) and sorted(map(str, got)) == sorted(map(str, lead)):
+            self.fail(user, f"{_op(user)} restores the rows as {render(shape)}: the folded axes "
+                            f"{render(self.r.lead)} in a different order, which scrambles "
+                            "positions")
+        else:
+            self.fail(user, f"{_op(user)} restores the rows as {render(shape)}, a different "
+                            f"split than the folded axes {render(self.r.lead)}: not "
+                            "time-distributed")
         return ""
 
     def _other(self, user: fx.Node) -> str:
@@ -212,18 +244,12 @@ class _Grow:
         return "member"
 
     def _batch_norm(self, user: fx.Node) -> str:
-        training = user.args[5] if user.target is aten.batch_norm.default else False
-        if training:
-            self.fail(user, "BatchNorm in training mode pools its statistics over all rows: "
-                            "per position it would differ")
-            return ""
-        return "member"
+        """Kept on a (free) folded view of the unfolded rows: its statistics (training mode)
+        and per-feature map are over the same rows as before."""
+        return "member" if user.args[0] in self.r.members() else self._other(user)
 
 
-def _op(node: fx.Node) -> str:
-    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-    where = node_location(node)
-    return f"{name}" + (f" ({where})" if where else "")
+_op = op_label
 
 
 def _regions(ctx: Context) -> list[Region]:
@@ -234,10 +260,13 @@ def _regions(ctx: Context) -> list[Region]:
     for node in ctx.graph.nodes:
         if node in owner or node.name in ctx.claimed or ctx.canonical(node):
             continue
-        src = fold_of(node, ctx)
+        guards: dict[Any, int] = {}
+        src = fold_of(node, ctx, guards)
+        strict = src is not None
+        src = src if strict else loose_fold_of(node, ctx)
         if src is None:
             continue
-        region = Region(tuple(ctx.shape(src)[:-1]))
+        region = Region(tuple(ctx.shape(src)[:-1]), strict, guards=guards)
         region.folds[node] = src
         _absorb_sibling_folds(region, ctx, owner)
         _Grow(region, ctx).run()
@@ -251,12 +280,8 @@ def _absorb_sibling_folds(region: Region, ctx: Context, owner: dict[fx.Node, Reg
     """Other folds of the same source (``fc(x.view(-1, F)) + x.view(-1, F)``)."""
     (src,) = region.folds.values()
     for user in src.users:
-        if user not in region.folds and user not in owner and fold_of(user, ctx) is src:
+        if user not in region.folds and user not in owner and fold_of(user, ctx, region.guards) is src:
             region.folds[user] = src
-
-
-def _unused(region: Region) -> bool:
-    return not region.dense
 
 
 def _emit(region_names: dict[str, Any]):  # noqa: ANN202
@@ -314,6 +339,90 @@ def _emit_one(rw: Any, n: fx.Node, new: dict[fx.Node, fx.Node]) -> fx.Node:
     return rw.call(t, args, dict(n.kwargs), before=n, like=n)
 
 
+def _region_match(region: Region, ctx: Context) -> Match | None:
+    nodes = [*region.folds, *region.nodes, *region.unfolds]
+    if not region.dense:
+        return _wrapper_near_miss(region, ctx)
+    if not region.reason and not region.strict:
+        region.reason = "the fold does not keep the feature axis last"
+    if not region.reason and not region.unfolds:
+        region.reason = "the rows stay folded: nothing restores the leading axes"
+    status = "rejected" if region.reason else "found"
+    src = next(iter(region.folds.values()))
+    sites = []
+    for d in region.dense:
+        site = ctx.site(DENSE[d.target], status, d, src, d, region.reason, fd=-1,
+                        kernel="" if region.reason else "linear")
+        if site.in_shape and site.out_shape:  # shapes as seen unfolded
+            site.out_shape = (*site.in_shape[:-1], site.out_shape[-1])
+        sites.append(site)
+    names = {
+        "folds": {k.name: v.name for k, v in region.folds.items()},
+        "nodes": [n.name for n in region.nodes],
+        "unfolds": [n.name for n in region.unfolds],
+        "metadata": [n.name for n in region.metadata if n.args[0] in region.members()],
+    }
+    emit = None if region.reason else _emit(names)
+    return Match(PATTERN, sites, [n.name for n in nodes], emit=emit, reason=region.reason,
+                 guards=dict(region.guards))
+
+
+def _wrapper_near_miss(region: Region, ctx: Context) -> Match | None:
+    """A fold around something that is not a dense layer (an Embedding, a BatchNorm, an
+    interpolation): reported, never rewritten."""
+    at = region.culprit or (region.nodes[0] if region.nodes else None)
+    if at is None or (region.culprit is None and not region.unfolds):
+        return None
+    reason = region.reason or (f"the fold wraps {', '.join(_op(n) for n in region.nodes)}, "
+                               "which is not a dense layer: left as it is")
+    src = next(iter(region.folds.values()))
+    return rejected(ctx, PATTERN, at, src, at, reason, [])
+
+
+def _merged_features(node: fx.Node, ctx: Context) -> Match | None:
+    """A dense layer after a reshape that merges the feature axis with others (``x.view(B, -1)``
+    into ``Linear(T * F, O)``): one dense map over the whole sequence, not per position."""
+    src = _dense_input(node)
+    if not (isinstance(src, fx.Node) and src.op == "call_function" and src.target in RESHAPES):
+        return None
+    s_in, s_out = ctx.shape(src.args[0]), ctx.shape(src)
+    if s_in is None or s_out is None or len(s_in) < 3 or len(s_out) >= len(s_in):
+        return None
+    if same(s_out[-1], s_in[-1]):
+        return None
+    reason = (f"the reshape {render(s_in)} -> {render(s_out)} before it merges the feature axis "
+              f"({expr(s_in[-1])}) with other axes: one dense layer over all of them, not one "
+              "per position")
+    return rejected(ctx, DENSE[node.target], node, src.args[0], node, reason, [])
+
+
+_PERMS = (aten.transpose.int, aten.permute.default)
+
+
+def _channel_first(node: fx.Node, ctx: Context) -> Match | None:
+    """``fc(x.permute(0, 2, 1)).permute(0, 2, 1)``: nn.Linear between a permutation and its
+    inverse is the dense map along the axis the permutation moved last."""
+    if node.target is not aten.linear.default:
+        return None
+    src = node.args[0]
+    users = list(node.users)
+    if not (isinstance(src, fx.Node) and src.target in _PERMS and len(users) == 1
+            and users[0].target in _PERMS and (ctx.rank(src) or 0) >= 3):
+        return None
+    w, b = _dense_weight(node)
+    if not ctx.state_source(w) or (isinstance(b, fx.Node) and not ctx.state_source(b)):
+        return None
+    name = node.name
+
+    def emit(rw: Any) -> None:
+        n = rw[name]
+        w, b = _dense_weight(n)
+        rw.replace(n, rw.tdd(n.args[0], w, b, feature_dim=-1, site=name, before=n, like=n))
+
+    site = ctx.site(PATTERN, "found", node, src.args[0], users[0], fd=1, kernel="linear")
+    return Match(PATTERN, [site], [name], emit=emit)
+
+
 class ReshapeFamily:
     """Folds of leading axes into rows, dense layers on the rows, and the unfold back."""
 
@@ -321,27 +430,16 @@ class ReshapeFamily:
 
     def find(self, ctx: Context) -> list[Match]:
         out: list[Match] = []
+        owned: set[fx.Node] = set()
         for region in _regions(ctx):
-            if _unused(region):
+            owned |= region.members()
+            m = _region_match(region, ctx)
+            if m is not None:
+                out.append(m)
+        for node in ctx.graph.nodes:
+            if node.target not in DENSE or node in owned or node.name in ctx.claimed:
                 continue
-            nodes = [*region.folds, *region.nodes, *region.unfolds]
-            if not region.reason and not region.unfolds:
-                region.reason = "the rows stay folded: nothing restores the leading axes"
-            sites = []
-            status = "rejected" if region.reason else "found"
-            src = next(iter(region.folds.values()))
-            for d in region.dense:
-                sites.append(ctx.site(DENSE[d.target], status, d, src, d, region.reason, fd=-1,
-                                      kernel="" if region.reason else "linear"))
-                sites[-1].out_shape = (*sites[-1].in_shape[:-1], sites[-1].out_shape[-1]) \
-                    if sites[-1].in_shape and sites[-1].out_shape else sites[-1].out_shape
-            names = {
-                "folds": {k.name: v.name for k, v in region.folds.items()},
-                "nodes": [n.name for n in region.nodes],
-                "unfolds": [n.name for n in region.unfolds],
-                "metadata": [n.name for n in region.metadata if n.args[0] in region.members()],
-            }
-            emit = None if region.reason else _emit(names)
-            out.append(Match(PATTERN, sites, [n.name for n in nodes], emit=emit,
-                             reason=region.reason))
+            m = _merged_features(node, ctx) or _channel_first(node, ctx)
+            if m is not None:
+                out.append(m)
         return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ from torch import nn
 from . import pipeline as pl
 from ._state import preserved
 from .capture import copy_module_tree
+from .families import FAMILIES, Family
 from .inputs import Example, make_example
 from .report import Report
 
@@ -51,10 +52,11 @@ def _prepare(model: Any, example_inputs: Any, example_kwargs: Any) -> Example | 
     return example
 
 
-def _run(model: nn.Module, example: Example, report: Report, optimize: bool) -> list[pl.Part]:
+def _run(model: nn.Module, example: Example, report: Report, optimize: bool,
+         families: Sequence[Family] | None) -> list[pl.Part]:
     parts = pl.plan(model, example, report.notes)
     for part in parts:
-        pl.run_part(part, optimize)
+        pl.run_part(part, optimize, FAMILIES if families is None else families)
         prefix = f"{part.path}: " if part.path else ""
         for training, why in part.failures.items():
             report.notes.append(f"{prefix}not captured in {pl._mode(training)} mode ({why}); "
@@ -77,7 +79,8 @@ def _run(model: nn.Module, example: Example, report: Report, optimize: bool) -> 
 
 def optimize(model: nn.Module, example_inputs: Any = None,
              example_kwargs: Mapping[str, Any] | None = None, *, autotune: bool = False,
-             mode: str | None = None, keep_canonical: bool = False) -> nn.Module:
+             mode: str | None = None, keep_canonical: bool = False,
+             families: Sequence[Family] | None = None) -> nn.Module:
     """Rewrite every provably time-distributed dense site of ``model`` into one canonical node.
 
     ``example_inputs``/``example_kwargs`` are one call of the model, as for
@@ -91,6 +94,9 @@ def optimize(model: nn.Module, example_inputs: Any = None,
     ``autotune=True`` times every applicable kernel of each canonical node on the example
     shapes (``mode``: "train" or "eval" timing; default the model's mode) and keeps the fastest;
     a result slower than the original is rolled back unless ``keep_canonical=True``.
+
+    ``families`` replaces the registered pattern families (``tdd_fx.families.FAMILIES``): to
+    restrict the pass to some patterns, or to plug in a family of one's own.
     """
     if mode not in (None, "train", "eval"):
         raise ValueError(f"mode must be 'train', 'eval' or None, got {mode!r}")
@@ -101,7 +107,7 @@ def optimize(model: nn.Module, example_inputs: Any = None,
         out = copy_module_tree(model)
         out.tdd_report = report
         return out
-    parts = _run(model, example, report, optimize=True)
+    parts = _run(model, example, report, True, families)
     out = pl.finalize(model, parts)
     _summarize(report, parts)
     if autotune and report.rewritten:
@@ -126,7 +132,8 @@ def _summarize(report: Report, parts: list[pl.Part]) -> None:
 
 
 def audit(model: nn.Module, example_inputs: Any = None,
-          example_kwargs: Mapping[str, Any] | None = None) -> Report:
+          example_kwargs: Mapping[str, Any] | None = None, *,
+          families: Sequence[Family] | None = None) -> Report:
     """Find and prove time-distributed dense sites without changing anything; explain
     near-misses."""
     example = _prepare(model, example_inputs, example_kwargs)
@@ -134,5 +141,5 @@ def audit(model: nn.Module, example_inputs: Any = None,
     if example is None:
         report.notes.append(NO_INPUTS)
         return report
-    _run(model, example, report, optimize=False)
+    _run(model, example, report, False, families)
     return report

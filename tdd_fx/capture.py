@@ -71,6 +71,8 @@ class Captured:
     seconds: float
     #: names of the placeholders of user inputs, in flattened order
     user_inputs: list[str] = field(default_factory=list)
+    #: symbolic sizes admitted down to 1 (export assumes >= 2; a batch-1 example was grown)
+    size_one: set[Any] = field(default_factory=set)
 
     def placeholders(self) -> list[fx.Node]:
         return [n for n in self.gm.graph.nodes if n.op == "placeholder"]
@@ -99,10 +101,46 @@ def _strip(target: str) -> str:
     return target[len(_WRAPPER) + 1:] if target.startswith(_WRAPPER + ".") else target
 
 
+def _batch_of_one(example: Example) -> tuple[Example, list[tuple[int, int]]]:
+    """The example with a leading axis of size 1 grown to 2 (export would fix a size-1 axis at
+    1, so a batch-1 example would capture a batch-1-only graph), and which (leaf, axis) grew."""
+    grown: list[tuple[int, int]] = []
+    leaves = example.leaves()
+    for i, x in enumerate(leaves):
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == 1:
+            grown.append((i, 0))
+    if not grown:
+        return example, []
+    which = {i for i, _ in grown}
+    flat, spec = pytree.tree_flatten((example.args, example.kwargs))
+    flat = [torch.cat([x, x]) if i in which else x for i, x in enumerate(flat)]
+    args, kwargs = pytree.tree_unflatten(flat, spec)
+    return Example(tuple(args), dict(kwargs)), grown
+
+
 def capture(model: nn.Module, example: Example, training: bool | None) -> Captured:
     """Export ``model`` in train (``training=True``) or eval mode, or with its flags as they are
     (``None``); the model is left as it was (buffers, flags, RNG).  Raises
-    :class:`CaptureError` naming the cause and the user's line."""
+    :class:`CaptureError` naming the cause and the user's line.
+
+    A leading axis of size 1 in the example is captured at size 2 (so it stays symbolic) and
+    admitted down to 1 at call time: verification runs the example itself, at size 1."""
+    bumped, grown = _batch_of_one(example)
+    if grown:
+        try:
+            cap = _capture(model, bumped, training)
+        except CaptureError:
+            cap = None
+        if cap is not None:
+            vals = [n.meta.get("val") for n in cap.placeholders()][len(cap.state):]
+            syms = [vals[i].shape[d] for i, d in grown]
+            if all(isinstance(s, torch.SymInt) and s.node.expr.is_Symbol for s in syms):
+                cap.size_one = {s.node.expr for s in syms}
+                return cap
+    return _capture(model, example, training)
+
+
+def _capture(model: nn.Module, example: Example, training: bool | None) -> Captured:
     start = time.perf_counter()
     wrapper = _Call(model)
     ex = example.clone()

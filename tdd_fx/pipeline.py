@@ -203,12 +203,12 @@ def capture_modes(module: nn.Module, example: Example) -> tuple[dict[bool, Captu
     return out, failures
 
 
-def run_part(part: Part, optimize: bool) -> None:
+def run_part(part: Part, optimize: bool, families: Sequence[Family] = FAMILIES) -> None:
     captured, part.failures = capture_modes(part.module, part.example)
     flags_now = tree_flags(part.module)
     for training, cap in captured.items():
         part.seconds += cap.seconds
-        matches, notes = find(cap)
+        matches, notes = find(cap, families)
         part.matches[training] = matches
         part.notes.extend(n for n in notes if n not in part.notes)
         if not optimize:

@@ -60,7 +60,7 @@ class InputChecker:
         vals = [n.meta.get("val") for n in captured.placeholders()][len(captured.state):]
         self.leaves: list[tuple[str, Any]] = []
         ranges = captured.range_constraints
-        self.ranges = {s: (_bound(r.lower), _bound(r.upper))
+        self.ranges = {s: (1 if s in captured.size_one else _bound(r.lower), _bound(r.upper))
                        for s, r in ranges.items() if isinstance(s, sympy.Symbol)}
         self.plan: list[tuple[int, int, Any]] = []  # (leaf, dim, expr) in binding order
         later: list[tuple[int, int, Any]] = []

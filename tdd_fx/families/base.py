@@ -46,7 +46,8 @@ class Context:
         fake = detect_fake_mode([n.meta.get("val") for n in nodes if n.op == "placeholder"])
         env = getattr(fake, "shape_env", None)
         #: each symbolic size's value on the example
-        self.hints: dict[Any, int] = dict(env.var_to_val) if env is not None else {}
+        values = getattr(env, "backed_var_to_val", None) if env is not None else None
+        self.hints: dict[Any, int] = dict(values) if values is not None else {}
 
     def equal(self, a: Any, b: Any, guards: dict[Any, int]) -> bool:
         """``a == b`` for every size the capture admits, or — when one side is a literal that

@@ -61,6 +61,8 @@ class ConvParams:
         self.groups = int(groups) if groups is not None else 1
         self.in_shape = ctx.shape(self.x)
         self.out_channels = int(ws[0]) if ws else 0
+        #: the channel axis: 1, or 0 for an unbatched input (C, *S)
+        self.c = 1 if self.in_shape is not None and len(self.in_shape) == n + 2 else 0
 
 
 def spanned_axes(p: ConvParams) -> list[int] | str:
@@ -73,7 +75,7 @@ def spanned_axes(p: ConvParams) -> list[int] | str:
     if pad is None:
         return f"padding={p.padding!r} with a kernel of {tuple(p.kernel)} adds positions"
     for i, k in enumerate(p.kernel):
-        axis = i + 2
+        axis = i + p.c + 1
         if k == 1:
             if p.stride[i] != 1:
                 return f"stride {p.stride[i]} on axis {axis} skips positions"
@@ -96,36 +98,32 @@ def _check(node: fx.Node, p: ConvParams, ctx: Context) -> str:
         lambda: "" if p.b is None or ctx.state_source(p.b) else "the bias is computed from the input",
         lambda: "" if p.groups == 1 else (f"a grouped convolution (groups={p.groups}) is "
                                           "block-diagonal, not dense"),
-        lambda: "" if p.in_shape is not None and len(p.in_shape) == len(p.kernel) + 2 else
-        "an unbatched input",
+        lambda: "" if p.in_shape is not None and len(p.in_shape) - p.c == len(p.kernel) + 1 else
+        "the input's rank does not match the kernel's",
         lambda: spanned_axes(p) if isinstance(spanned_axes(p), str) else "",
     )
 
 
-def _emit(node_name: str, p_axes: list[int], rank: int):  # noqa: ANN202
+def _emit(node_name: str, axes: list[int], rank: int, c: int):  # noqa: ANN202
+    """Channels (merged with the spanned axes, in the kernel's order) become the feature axis
+    of one canonical node; the spanned axes come back as size-1 axes."""
+
     def emit(rw: Any) -> None:
         node = rw[node_name]
         x, w, b = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None
-        out_ch = node.meta["val"].shape[1]
-        if p_axes:  # merge channels with the spanned axes, in the order of the kernel
-            rest = [d for d in range(2, rank) if d not in p_axes]
-            order = [0, 1, *p_axes, *rest]
+        out_ch = int(w.meta["val"].shape[0])
+        if axes:
+            rest = [d for d in range(c + 1, rank) if d not in axes]
+            order = [*range(c + 1), *axes, *rest]
             if order != list(range(rank)):
                 x = rw.call(aten.permute.default, (x, order), before=node)
-                w = rw.call(aten.permute.default, (w, order), before=node)
-            if p_axes == [2] and x.meta.get("val") is not None and x.meta["val"].shape[1] == 1:
-                x = rw.call(aten.squeeze.dim, (x, 1), before=node)
-            else:
-                xs = x.meta["val"].shape
-                x = rw.call(aten.flatten.using_ints, (x, 1, len(p_axes) + 1), before=node)
-                del xs
+            w = rw.call(aten.permute.default, (w, [0, 1, *(a - c + 1 for a in axes),
+                                                  *(a - c + 1 for a in rest)]), before=node)
+            x = rw.call(aten.flatten.using_ints, (x, c, c + len(axes)), before=node)
         wv = rw.call(aten.view.default, (w, [out_ch, -1]), before=node)
-        y = rw.tdd(x, wv, b, feature_dim=1, site=node_name, before=node, like=node,
-                   impl="conv" if not p_axes else "conv")
-        for axis in sorted(p_axes):
+        y = rw.tdd(x, wv, b, feature_dim=c, site=node_name, before=node, like=node, impl="conv")
+        for axis in axes:
             y = rw.call(aten.unsqueeze.default, (y, axis), before=node, like=node)
-        if p_axes and sorted(p_axes) != p_axes:
-            raise AssertionError("spanned axes out of order")
         rw.replace(node, y)
 
     return emit
@@ -153,13 +151,13 @@ class ConvFamily:
             axes = spanned_axes(p)
             assert isinstance(axes, list)
             rank = len(p.in_shape or ())
-            if axes and rank - 2 == len(axes):  # nothing left to distribute over
+            if axes and rank - p.c - 1 == len(axes):  # nothing left to distribute over
                 out.append(rejected(ctx, PATTERN, node, p.x, node, "the kernel spans every axis: "
                                     "one dense layer over the whole input, not per position",
                                     [node]))
                 continue
-            site = ctx.site(PATTERN, "found", node, p.x, node, fd=1, kernel="conv")
-            out.append(Match(PATTERN, [site], [node.name], emit=_emit(node.name, axes, rank)))
+            site = ctx.site(PATTERN, "found", node, p.x, node, fd=p.c, kernel="conv")
+            out.append(Match(PATTERN, [site], [node.name], emit=_emit(node.name, axes, rank, p.c)))
         return out
 
 

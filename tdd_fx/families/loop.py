@@ -28,12 +28,18 @@ exactly that many positions: the body is applied to the first T positions,
 ``select`` made the capture require at least T).  When the example's axis is longer, the loop
 reads only part of it and is reported instead.
 
+A step is what lies between the join's argument and the step's reads of ``x`` (every node that
+depends on those reads); a node two steps share is a value passed between them.  When the time
+axis moves (``d != a``) the result is a contiguous copy, as the join's was.
+
 Rejected, with the reason: untied weights, a recurrence (a step reads another step's output),
 steps that read more than one position, positions missing, repeated or out of order, a loop over
 the feature axis, BatchNorm in the body (training mode normalises each step with its own
 statistics; the loop is left alone in eval mode too), training-mode dropout or any other random op
 (the masks would be drawn in another order), an op that is not row-wise, a step mixed with a
-tensor from outside the loop that is not per-feature.
+tensor from outside the loop that is not per-feature, steps that kept a size-1 axis stacked (or
+steps that dropped it concatenated: their features are joined).  Joins whose steps hold no dense
+layer are not reported.
 """
 
 from __future__ import annotations
@@ -104,12 +110,17 @@ def _slice_args(n: fx.Node) -> list[Any]:
     return vals[:4]
 
 
+def _is(v: Any, k: int) -> bool:
+    """``v == k`` for a plain int (never a comparison of a SymInt, which would add a guard)."""
+    return isinstance(v, int) and v == k
+
+
 def full_slice(n: Any, ctx: Context) -> bool:
     """``x[:]`` along one axis (Python's ``x[:, t]`` records one before the ``select``)."""
     if not is_op(n, {aten.slice.Tensor}):
         return False
     dim, start, end, step = _slice_args(n)
-    if start not in (0, None) or step != 1:
+    if not (start is None or _is(start, 0)) or not _is(step, 1):
         return False
     if end is None or (isinstance(end, int) and end >= _END):
         return True
@@ -129,15 +140,17 @@ def _axis_index(n: fx.Node) -> tuple[Any, Any, bool] | None:
     if n.target is aten.select.int:
         return n.args[1], n.args[2], False
     if n.target is aten.narrow.default:
-        return (n.args[1], n.args[2], True) if n.args[3] == 1 else None
+        return (n.args[1], n.args[2], True) if _is(n.args[3], 1) else None
     dim, start, end, step = _slice_args(n)
-    if isinstance(start, int) and isinstance(end, int) and end == start + 1 and step == 1:
+    if isinstance(start, int) and isinstance(end, int) and end == start + 1 and _is(step, 1):
         return dim, start, True
     return None
 
 
 def _normal(index: int, size: Any) -> int:
-    return index + int(size) if index < 0 and isinstance(size, int) else index
+    """A negative position counted from the end, when the axis has a fixed size."""
+    e = expr(size)
+    return index + int(e) if index < 0 and e.is_Integer else index
 
 
 def pick_of(n: fx.Node, ctx: Context) -> Pick | None:
@@ -163,9 +176,9 @@ def _split_axis(src: fx.Node, shape: tuple[Any, ...]) -> tuple[int, bool] | None
     if t is aten.unbind.int:
         return int(src.kwargs.get("dim", a[1] if len(a) > 1 else 0)) % len(shape), False
     dim = int(src.kwargs.get("dim", a[2] if len(a) > 2 else 0)) % len(shape)
-    if t in (aten.split.Tensor, aten.unsafe_split.Tensor) and a[1] == 1:
+    if t in (aten.split.Tensor, aten.unsafe_split.Tensor) and _is(a[1], 1):
         return dim, True
-    if t is aten.split_with_sizes.default and all(s == 1 for s in a[1]):
+    if t is aten.split_with_sizes.default and all(_is(s, 1) for s in a[1]):
         return dim, True
     if t is aten.chunk.default and same(a[1], shape[dim]):
         return dim, True
@@ -185,22 +198,36 @@ def _piece(n: fx.Node, ctx: Context) -> Pick | None:
 
 
 # --- the steps of one join -------------------------------------------------------------------
+_NONE: frozenset[fx.Node] = frozenset()
+
+
 class Scan:
-    """The picks of a graph, and every node that depends on one (computed once per graph)."""
+    """The picks of a graph, and for every node the tensors whose picks it depends on (computed
+    once per graph)."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.picks: dict[fx.Node, Pick] = {}
-        self.tainted: set[fx.Node] = set()
+        self.deps: dict[fx.Node, frozenset[fx.Node]] = {}
         for n in ctx.graph.nodes:
-            if n.op != "call_function":
+            if n.op != "call_function" or is_op(n, METADATA):
                 continue
+            deps = _NONE
+            for i in n.all_input_nodes:
+                more = self.deps.get(i, _NONE)
+                deps = deps if more <= deps else deps | more
             pick = pick_of(n, ctx)
             if pick is not None:
                 self.picks[n] = pick
-                self.tainted.add(n)
-            elif not is_op(n, METADATA) and any(i in self.tainted for i in n.all_input_nodes):
-                self.tainted.add(n)
+                deps = deps | {pick.x}
+            if deps:
+                self.deps[n] = deps
+
+    def source(self, items: list[fx.Node]) -> fx.Node | None:
+        """The tensor every item depends on through picks; the latest one when there are several
+        (a loop over the result of an earlier loop depends on that loop's input too)."""
+        common = frozenset.intersection(*(self.deps.get(i, _NONE) for i in items))
+        return max(common, key=self.ctx.order.__getitem__) if common else None
 
 
 @dataclass
@@ -214,16 +241,37 @@ class Step:
     picks: list[fx.Node] = field(default_factory=list)
 
 
-def _start(item: fx.Node, scan: Scan) -> tuple[fx.Node, int | None]:
-    if is_op(item, {aten.unsqueeze.default}) and item.args[0] in scan.tainted:
-        rank = scan.ctx.rank(item) or 1
-        return item.args[0], int(item.args[1]) % rank
+def _start(item: fx.Node, ctx: Context) -> tuple[fx.Node, int | None]:
+    if is_op(item, {aten.unsqueeze.default}):
+        return item.args[0], int(item.args[1]) % (ctx.rank(item) or 1)
     return item, None
 
 
-def walk_steps(items: list[fx.Node], scan: Scan) -> tuple[list[Step], str, fx.Node | None]:
-    """Each item's step (walking back to its picks), or the first recurrence found:
-    (steps so far, reason, the step that reads another's output)."""
+def _walk(step: Step, k: int, owner: dict[fx.Node, int], scan: Scan, x: fx.Node) -> int | None:
+    """Fill ``step`` with the ops between its picks of ``x`` and its value; the step that owns
+    one of them already (a recurrence), if any."""
+    stack, seen = [step.out], set()
+    while stack:
+        n = stack.pop()
+        if n in seen or x not in scan.deps.get(n, _NONE):
+            continue  # a value from outside the loop
+        seen.add(n)
+        pick = scan.picks.get(n)
+        if pick is not None and pick.x is x:
+            step.picks.append(n)
+            continue
+        if owner.get(n, k) != k:
+            return owner[n]
+        owner[n] = k
+        step.nodes.append(n)
+        stack.extend(n.all_input_nodes)
+    step.nodes.sort(key=scan.ctx.order.__getitem__)
+    return None
+
+
+def walk_steps(items: list[fx.Node], scan: Scan, x: fx.Node) -> tuple[list[Step], str]:
+    """Each item's step (walking back to its picks of ``x``), or the first recurrence found:
+    (the steps so far, its reason)."""
     owner: dict[fx.Node, int] = {}
     first: dict[fx.Node, int] = {}
     steps: list[Step] = []
@@ -231,29 +279,14 @@ def walk_steps(items: list[fx.Node], scan: Scan) -> tuple[list[Step], str, fx.No
         if item in first:  # the same value twice: a repeated position, said by the coverage
             steps.append(steps[first[item]])
             continue
-        first[item] = k
-        out, unsqueeze = _start(item, scan)
-        step = Step(item, out, unsqueeze)
-        owner[item] = k
-        stack, seen = [out], set()
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            if n in scan.picks:
-                step.picks.append(n)
-            elif n in scan.tainted:
-                if owner.get(n, k) != k:
-                    why = (f"step {k} uses the output of step {owner[n]} (a recurrence): each step "
-                           "depends on the one before, not time-distributed")
-                    return steps + [step], why, item
-                owner[n] = k
-                step.nodes.append(n)
-                stack.extend(n.all_input_nodes)
-        step.nodes.sort(key=scan.ctx.order.__getitem__)
+        first[item] = owner[item] = k
+        step = Step(item, *_start(item, scan.ctx))
         steps.append(step)
-    return steps, "", None
+        other = _walk(step, k, owner, scan, x)
+        if other is not None:
+            return steps, (f"step {k} uses the output of step {other} (a recurrence): each step "
+                           "depends on the one before, not time-distributed")
+    return steps, ""
 
 
 # --- the loop and its conditions -------------------------------------------------------------
@@ -288,11 +321,12 @@ class Loop:
 
 def _one_source(loop: Loop) -> str:
     """Every step reads one position of the same axis of the same tensor, laid out alike."""
+    missing = next((k for k, s in enumerate(loop.steps) if not s.picks), None)
+    if missing is not None:
+        return f"step {missing} does not read one position of the loop's input"
     p0 = loop.first
     for k, step in enumerate(loop.steps):
         picks = [loop.scan.picks[p] for p in step.picks]
-        if not picks:
-            return f"step {k} does not read the loop's input"
         if any((p.x, p.axis, p.keep) != (p0.x, p0.axis, p0.keep) for p in picks):
             return "the steps read different tensors or axes"
         positions = sorted({p.index for p in picks})
@@ -417,7 +451,8 @@ def _operand_reason(n: fx.Node, inside: set[fx.Node], ctx: Context) -> str:
 
 
 def dropout_off(n: fx.Node) -> bool:
-    return n.target in DROPOUTS and (n.args[2] is False or n.args[1] == 0)
+    p = n.args[1]
+    return n.target in DROPOUTS and (n.args[2] is False or (isinstance(p, (int, float)) and p == 0))
 
 
 def _random_reason(n: fx.Node) -> str:
@@ -463,6 +498,8 @@ def _outside_key(a: Any, ctx: Context, depth: int = 0) -> Any:
     parameters by its structure (``W.t()`` recorded once per step), anything else by node."""
     if isinstance(a, (list, tuple)):
         return tuple(_outside_key(v, ctx, depth) for v in a)
+    if isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return ("sym", str(a.node.expr))  # compared as text: comparing SymInts adds guards
     if not isinstance(a, fx.Node):
         return ("const", a)
     if a in ctx.state:
@@ -475,9 +512,11 @@ def _outside_key(a: Any, ctx: Context, depth: int = 0) -> Any:
 
 
 def signature(step: Step, ctx: Context) -> tuple[Any, ...]:
-    """The step's ops with their operands named relative to the step."""
-    index = {n: i for i, n in enumerate(step.nodes)}
-    picks = set(step.picks)
+    """The step's ops with their operands named relative to the step (full slices, which the
+    capture records for some steps only, left out)."""
+    kept = [n for n in step.nodes if not full_slice(n, ctx)]
+    index = {n: i for i, n in enumerate(kept)}
+    inside, picks = set(step.nodes), set(step.picks)
 
     def arg(a: Any) -> Any:
         if isinstance(a, (list, tuple)):
@@ -486,11 +525,12 @@ def signature(step: Step, ctx: Context) -> tuple[Any, ...]:
             return ("step",)
         if isinstance(a, fx.Node) and a in index:
             return ("op", index[a])
+        if isinstance(a, fx.Node) and a in inside:  # a full slice: its input
+            return arg(a.args[0])
         return _outside_key(a, ctx)
 
-    ops = tuple((n.target, arg(n.args), arg(tuple(sorted(n.kwargs.items()))))
-                for n in step.nodes)
-    return (*ops, ("out", index.get(step.out), step.unsqueeze))
+    ops = tuple((n.target, arg(n.args), arg(tuple(sorted(n.kwargs.items())))) for n in kept)
+    return (*ops, ("out", arg(step.out), step.unsqueeze))
 
 
 def _states(key: Any) -> list[str]:
@@ -580,13 +620,20 @@ def _emit_op(rw: Any, n: fx.Node, kind: str, new: dict[fx.Node, Any], before: fx
                    like=n)
 
 
+def _dense_copy(rw: Any, x: fx.Node, before: fx.Node) -> fx.Node:
+    """A contiguous copy: the join's result was contiguous (later views of it rely on that), and
+    a strided input makes shape inference guard on the sizes that decide its strides."""
+    return rw.call(aten.clone.default, (x,), {"memory_format": torch.contiguous_format},
+                   before=before, like=x)
+
+
 def _emit(plan: Plan) -> Callable[[Any], None]:
     def emit(rw: Any) -> None:
         join = rw[plan.join]
         x = rw[plan.reader].args[0]  # as it is now (an earlier rewrite may have replaced it)
         if plan.prefix is not None:
-            x = rw.call(aten.slice.Tensor, (x, plan.axis, 0, plan.prefix), before=join,
-                        like=rw[plan.reader])
+            x = _dense_copy(rw, rw.call(aten.slice.Tensor, (x, plan.axis, 0, plan.prefix),
+                                        before=join, like=rw[plan.reader]), join)
         new: dict[fx.Node, Any] = {rw[p]: x for p in plan.picks}
         for name, kind in plan.body:
             new[rw[name]] = _emit_op(rw, rw[name], kind, new, join)
@@ -594,7 +641,8 @@ def _emit(plan: Plan) -> Callable[[Any], None]:
         if plan.axis != plan.to:
             perm = [d for d in range(plan.rank) if d != plan.axis]
             perm.insert(plan.to, plan.axis)
-            out = rw.call(aten.permute.default, (out, perm), before=join, like=join)
+            out = _dense_copy(rw, rw.call(aten.permute.default, (out, perm), before=join,
+                                          like=join), join)
         rw.replace(join, out)
         rw.touched.extend(rw[n] for n in dict.fromkeys(plan.erase))
 
@@ -632,9 +680,12 @@ def prove(join: fx.Node, scan: Scan) -> Match | None:
     ctx = scan.ctx
     items = join.args[0] if join.args else None
     if not isinstance(items, (list, tuple)) or len(items) < 2 or \
-            not all(isinstance(i, fx.Node) and i in scan.tainted for i in items):
+            not all(isinstance(i, fx.Node) for i in items):
         return None
-    steps, recurrence, _ = walk_steps(list(items), scan)
+    x = scan.source(list(items))
+    if x is None:
+        return None
+    steps, recurrence = walk_steps(list(items), scan, x)
     anchor = _anchor(steps, join)
     if anchor is join or any(n.name in ctx.claimed for n in _nodes(join, steps, scan)):
         return None
@@ -643,7 +694,6 @@ def prove(join: fx.Node, scan: Scan) -> Match | None:
         lambda: _one_source(loop), lambda: _not_features(loop), lambda: _coverage(loop),
         lambda: _layout(loop), lambda: _rowwise(loop), lambda: _same_ops(loop))
     if reason:
-        x = loop.first.x if steps[0].picks else anchor.args[0]
         return rejected(ctx, PATTERN, anchor, x, join, reason, _nodes(join, steps, scan))
     return _found(loop)
 

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import sympy
 import torch
 import torch.fx as fx
-
 from torch._guards import detect_fake_mode
 
 from ..capture import Captured, from_tdd, node_location, node_module_path

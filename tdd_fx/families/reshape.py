@@ -38,7 +38,7 @@ from ..optables import (
     UNARY,
     in_place,
 )
-from .base import Context, Match, expr, op_label, product, rejected, render, same, same_shape
+from .base import Context, Match, expr, op_label, product, rejected, render, same
 
 aten = torch.ops.aten
 PATTERN = "reshape"

@@ -22,7 +22,9 @@ from torch import Tensor, nn
 
 from . import ops
 from ._state import preserved
-from .shapes import ShapeAnalysis
+from .capture import copy_module_tree
+from .families.base import example_shape
+from .inputs import Example
 
 Key = tuple[str, str, tuple[int, ...], int, int, bool]
 _CACHE: dict[Key, dict[str, float]] = {}
@@ -100,22 +102,20 @@ def kernel_times(shape: Sequence[int], feature_dim: int, out_features: int, dtyp
     return out
 
 
-def tune(gm: fx.GraphModule, inputs: Sequence[Any], train: bool) -> dict[str, dict[str, float]]:
-    """Fix the fastest kernel in every canonical node of ``gm``; returns the times per site."""
-    shapes = ShapeAnalysis(gm)
-    with preserved([gm]):
-        gm.train(train)
-        shapes.analyse(*inputs)
+def tune(gm: fx.GraphModule, train: bool, device: torch.device) -> dict[str, dict[str, float]]:
+    """Fix the fastest kernel in every canonical node of ``gm`` (timed at the example's sizes,
+    from the nodes' captured values); returns the times per site."""
     measured: dict[str, dict[str, float]] = {}
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.target is not ops.time_distributed_dense:
             continue
-        x, w = shapes.tensor(n.args[0]), shapes.tensor(n.args[1])
+        x = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
+        w = n.args[1].meta.get("val") if isinstance(n.args[1], fx.Node) else None
         if x is None or w is None:
             continue
+        shape = example_shape(tuple(x.shape))
         fd = n.kwargs.get("feature_dim", -1)
-        times = kernel_times(tuple(x.shape), fd, w.shape[0], x.dtype, _device_of(gm, inputs),
-                             train)
+        times = kernel_times(shape, fd, int(w.shape[0]), x.dtype, device, train)
         if not times:
             continue
         best = min(times, key=times.__getitem__)
@@ -126,26 +126,64 @@ def tune(gm: fx.GraphModule, inputs: Sequence[Any], train: bool) -> dict[str, di
     return measured
 
 
+def tune_result(original: nn.Module, result: nn.Module, example: Example, report: Any,
+                mode: str | None, keep_canonical: bool, parts: Sequence[Any]) -> nn.Module:
+    """Measured kernels for every program of ``result``; whole-model time before/after; a result
+    slower than the original (beyond measured noise) goes back to the original's code."""
+    from .program import programs_of
+    from .verify import fp64_reference, verify
+
+    train = original.training if mode is None else mode == "train"
+    device = _device_of(original, example.tensors())
+    sites = {s.node: s for s in report.rewritten}
+    for _, module in result.named_modules():
+        for program in programs_of(module):
+            times = tune(program.gm, train, device)
+            if program.training == original.training:
+                for site, t in times.items():
+                    if site in sites:
+                        sites[site].kernel_ms = {k: round(v * 1e3, 4) for k, v in t.items()}
+                        sites[site].kernel = min(t, key=t.__getitem__)
+    v = verify(original, result, [example], fp64_reference(original))
+    if not v.ok:  # kernels are equivalent; a failure here is a bug, never a silent result
+        report.notes.append(f"measured kernels failed verification ({v.detail}); the original "
+                            "is returned")
+        return copy_module_tree(original)
+    before, after, noise = compare_models(original, result, example, train)
+    report.time_before_ms, report.time_after_ms = before * 1e3, after * 1e3
+    report.timing_mode = "train" if train else "eval"
+    if after > before * (1 + max(noise, 0.05)) and not keep_canonical:
+        reason = (f"the optimized model measured slower ({after * 1e3:.3g} ms vs "
+                  f"{before * 1e3:.3g} ms per {report.timing_mode} step, noise "
+                  f"{100 * noise:.0f}%); pass keep_canonical=True to keep it anyway")
+        for site in report.rewritten:
+            site.status, site.reason = "rolled_back", reason
+        report.time_after_ms = before * 1e3
+        return copy_module_tree(original)
+    return result
+
+
 def _device_of(gm: nn.Module, inputs: Sequence[Any]) -> torch.device:
+    if isinstance(inputs, Example):
+        inputs = inputs.tensors()
     for t in (*inputs, *gm.parameters()):
         if isinstance(t, Tensor):
             return t.device
     return torch.device("cpu")
 
 
-def model_time(model: nn.Module, inputs: Sequence[Any], train: bool, repeats: int = 7
+def model_time(model: nn.Module, inputs: Sequence[Any] | Example, train: bool, repeats: int = 7
                ) -> tuple[float, float]:
     """(median seconds, relative spread) of one forward (eval) or forward+backward (train)."""
-    device = _device_of(model, inputs)
-    xs = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, Tensor) and train
-          else x for x in inputs]
-
+    ex = inputs if isinstance(inputs, Example) else Example(tuple(inputs))
+    device = _device_of(model, ex.tensors())
+    ex = ex.map(lambda x: x.detach().requires_grad_(x.is_floating_point() and train))
     leaves = [p for p in model.parameters() if p.requires_grad] + [
-        x for x in xs if isinstance(x, Tensor) and x.requires_grad]
+        x for x in ex.tensors() if x.requires_grad]
 
     def run() -> None:
         if train:  # autograd.grad, not backward(): the user's .grad fields stay untouched
-            out = model(*xs)
+            out = ex.call(model)
             flat = [o for o in torch.utils._pytree.tree_flatten(out)[0]
                     if isinstance(o, Tensor) and o.requires_grad]
             if flat and leaves:
@@ -153,14 +191,15 @@ def model_time(model: nn.Module, inputs: Sequence[Any], train: bool, repeats: in
                                     allow_unused=True)
         else:
             with torch.no_grad():
-                model(*xs)
+                ex.call(model)
 
     with preserved([model]):
         model.train(train)
         return median_time(run, device, repeats=repeats)
 
 
-def compare_models(original: nn.Module, optimized: nn.Module, inputs: Sequence[Any], train: bool,
+def compare_models(original: nn.Module, optimized: nn.Module, inputs: Sequence[Any] | Example,
+                   train: bool,
                    rounds: int = 3, repeats: int = 7) -> tuple[float, float, float]:
     """Interleaved medians: (original s, optimized s, noise as a relative spread).  Neither model
     is changed (buffers, modes, ``.grad`` and RNG are restored)."""

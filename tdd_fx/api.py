@@ -120,11 +120,11 @@ def optimize(model: nn.Module, example_inputs: Any = None,
 
 def _summarize(report: Report, parts: list[pl.Part]) -> None:
     verdicts = [r.verdict for p in parts for r in p.modes.values()
-                if r.verdict is not None and r.program is not None]
+                if r.verdict is not None and r.program is not None and r.accepted]
     if not verdicts:
-        report.verified = None if not report.sites else False
-        if report.sites:
-            report.notes.append("nothing was rewritten, so there was nothing to verify")
+        report.verified = None
+        report.notes.append("nothing was rewritten: the model is returned as it was (its own "
+                            "code runs)")
         return
     report.verified = all(v.ok for v in verdicts)
     report.max_error = max(v.max_error for v in verdicts)

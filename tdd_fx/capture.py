@@ -22,6 +22,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+import sympy
 import torch
 import torch.fx as fx
 from torch import nn
@@ -73,6 +74,10 @@ class Captured:
     user_inputs: list[str] = field(default_factory=list)
     #: symbolic sizes admitted down to 1 (export assumes >= 2; a batch-1 example was grown)
     size_one: set[Any] = field(default_factory=set)
+    #: per user input, frozen at capture (later shape inference may refine the shape
+    #: environment): ("tensor", (rank, dtype, device type), [size expression per axis]) or
+    #: ("value", the constant, None)
+    leaves: list[tuple[str, Any, Any]] = field(default_factory=list)
 
     def placeholders(self) -> list[fx.Node]:
         return [n for n in self.gm.graph.nodes if n.op == "placeholder"]
@@ -132,10 +137,9 @@ def capture(model: nn.Module, example: Example, training: bool | None) -> Captur
         except CaptureError:
             cap = None
         if cap is not None:
-            vals = [n.meta.get("val") for n in cap.placeholders()][len(cap.state):]
-            syms = [vals[i].shape[d] for i, d in grown]
-            if all(isinstance(s, torch.SymInt) and s.node.expr.is_Symbol for s in syms):
-                cap.size_one = {s.node.expr for s in syms}
+            syms = [cap.leaves[i][2][d] for i, d in grown]
+            if all(isinstance(s, sympy.Symbol) for s in syms):
+                cap.size_one = set(syms)
                 return cap
     return _capture(model, example, training)
 
@@ -177,9 +181,22 @@ def _capture(model: nn.Module, example: Example, training: bool | None) -> Captu
     gm = ep.graph_module
     _strip_module_stacks(gm)
     constants = {_strip(k): v for k, v in ep.constants.items()}
-    return Captured(training, gm, state, constants, ep.call_spec.in_spec,
-                    ep.call_spec.out_spec, mutated, dict(ep.range_constraints),
-                    time.perf_counter() - start, user)
+    cap = Captured(training, gm, state, constants, ep.call_spec.in_spec,
+                   ep.call_spec.out_spec, mutated, dict(ep.range_constraints),
+                   time.perf_counter() - start, user)
+    cap.leaves = [_leaf_spec(n.meta.get("val")) for n in cap.placeholders()[len(state):]]
+    return cap
+
+
+def _size_expr(size: Any) -> Any:
+    e = size.node.expr if isinstance(size, torch.SymInt) else int(size)
+    return int(e) if isinstance(e, (int, sympy.Integer)) else e
+
+
+def _leaf_spec(v: Any) -> tuple[str, Any, Any]:
+    if isinstance(v, torch.Tensor):
+        return ("tensor", (v.dim(), v.dtype, v.device.type), [_size_expr(s) for s in v.shape])
+    return ("value", v, None)
 
 
 def _strip_module_stacks(gm: fx.GraphModule) -> None:

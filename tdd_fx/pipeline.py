@@ -59,6 +59,7 @@ class ModeResult:
     training: bool
     program: Program | None
     accepted: list[Match]
+    flags: tuple[bool, ...] = ()
     rolled_back: dict[int, str] = field(default_factory=dict)
     verdict: Verdict | None = None
     notes: list[str] = field(default_factory=list)
@@ -80,13 +81,16 @@ def candidate_module(model: nn.Module, program: Program) -> nn.Module:
     return cand
 
 
-def alternative(model: nn.Module, example: Example, program: Program) -> Example | None:
-    """The example with other sizes on every axis the capture kept symbolic, accepted by the
-    capture's conditions and by the model itself."""
+def alternative(model: nn.Module, example: Example, program: Program,
+                keep: set[Any] = frozenset()) -> Example | None:  # type: ignore[assignment]
+    """The example with other sizes on every axis the capture kept symbolic (except the sizes
+    in ``keep``, which rewrites fixed), accepted by the capture's conditions and by the model."""
     dims: dict[int, set[int]] = {}
     leaves = example.leaves()
     for i, d, e in program.checker.plan:
-        if not isinstance(e, int) and isinstance(leaves[i], torch.Tensor):
+        if isinstance(e, int) or not isinstance(leaves[i], torch.Tensor):
+            continue
+        if not (getattr(e, "free_symbols", set()) & set(keep)):
             dims.setdefault(i, set()).add(d)
     if not dims:
         return None
@@ -109,10 +113,12 @@ def verify_mode(model: nn.Module, example: Example, captured: Captured, proved: 
     """Bisect ``proved`` down to the matches whose rewrite verifies (outputs and gradients
     against the original, in this mode, on the example and on other sizes)."""
     names = leaf_names(example)
-    result = ModeResult(captured.training, None, [])
+    result = ModeResult(captured.training, None, [], flags)
+    if not proved:  # nothing to rewrite: this mode keeps running the original code
+        return result
     base, _ = build_program(captured, [], names, flags)
     sets = [example]
-    alt = alternative(model, example, base)
+    alt = alternative(model, example, base, {s for m in proved for s in m.guards})
     if alt is not None:
         sets.append(alt)
     else:
@@ -345,11 +351,13 @@ def finalize(model: nn.Module, parts: list[Part]) -> nn.Module:
     and buffers) with each captured part running its verified programs."""
     root = copy_module_tree(model)
     for part in parts:
-        programs = [r.program for r in part.modes.values() if r.program is not None]
-        if not programs:
+        done = [r for r in part.modes.values() if r.program is not None and r.accepted]
+        if not done:
             continue
         target = root.get_submodule(part.path) if part.path else root
-        install(target, programs)
+        plain = [r.flags for r in part.modes.values() if r not in done and r.program is None
+                 and not r.notes]
+        install(target, [r.program for r in done], plain)  # type: ignore[misc]
     return root
 
 

@@ -19,6 +19,8 @@ one-time warning saying what differed.  Nothing is ever silently skipped.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 from typing import Any
 
@@ -37,11 +39,6 @@ class CallMismatch(Exception):
     """A call outside what a program was captured for (the message says what differed)."""
 
 
-def _expr(size: Any) -> Any:
-    e = size.node.expr if isinstance(size, torch.SymInt) else int(size)
-    return int(e) if isinstance(e, (int, sympy.Integer)) else e
-
-
 def _bound(v: Any) -> int | None:
     try:
         return int(v) if bool(getattr(v, "is_finite", True)) else None
@@ -57,21 +54,16 @@ class InputChecker:
         self.names = names
         #: sizes a rewrite relied on at their example values (symbol -> value)
         self.fixed = dict(fixed or {})
-        vals = [n.meta.get("val") for n in captured.placeholders()][len(captured.state):]
         self.leaves: list[tuple[str, Any]] = []
         ranges = captured.range_constraints
         self.ranges = {s: (1 if s in captured.size_one else _bound(r.lower), _bound(r.upper))
                        for s, r in ranges.items() if isinstance(s, sympy.Symbol)}
         self.plan: list[tuple[int, int, Any]] = []  # (leaf, dim, expr) in binding order
         later: list[tuple[int, int, Any]] = []
-        for i, v in enumerate(vals):
-            if isinstance(v, Tensor):
-                self.leaves.append(("tensor", (v.dim(), v.dtype, v.device.type)))
-                for d, s in enumerate(v.shape):
-                    e = _expr(s)
-                    (self.plan if isinstance(e, (int, sympy.Symbol)) else later).append((i, d, e))
-            else:
-                self.leaves.append(("value", v))
+        for i, (kind, info, sizes) in enumerate(captured.leaves):
+            self.leaves.append((kind, info))
+            for d, e in enumerate(sizes or ()):
+                (self.plan if isinstance(e, (int, sympy.Symbol)) else later).append((i, d, e))
         self.plan.sort(key=lambda p: isinstance(p[2], int))  # symbols bind before constants
         self.plan += later
         self.where = {}
@@ -192,25 +184,24 @@ def tree_flags(module: nn.Module) -> tuple[bool, ...]:
     return tuple(m.training for m in module.modules())
 
 
-class OptimizedForward:
-    """The instance-level ``forward`` of an optimized module (see the module docstring)."""
+class Dispatch:
+    """Chooses, per call, the program to run or the original forward (see the module
+    docstring)."""
 
-    def __init__(self, module: nn.Module, programs: list[Program]) -> None:
+    def __init__(self, module: nn.Module, programs: list[Program],
+                 plain: list[tuple[bool, ...]] | None = None) -> None:
         self.module = module
         self.programs = programs
+        #: modes (submodule flags) in which nothing was rewritten: the original runs, silently
+        self.plain = list(plain or [])
         self.warned: set[str] = set()
-
-    def rebind(self, module: nn.Module) -> OptimizedForward:
-        """The same programs on another copy of the module (see ``copy_module_tree``)."""
-        return OptimizedForward(module, self.programs)
-
-    def original(self, *args: Any, **kwargs: Any) -> Any:
-        return type(self.module).forward(self.module, *args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         m = self.module
         flags = tree_flags(m)
         program = next((p for p in self.programs if p.flags == flags), None)
+        if program is None and flags in self.plain:
+            return type(m).forward(m, *args, **kwargs)
         if program is None:
             mode = "train" if m.training else "eval"
             why = (f"no graph was captured and verified for this mode ({mode}, with these "
@@ -224,25 +215,50 @@ class OptimizedForward:
             except CallMismatch as exc:
                 why = str(exc)
         self._warn(why)
-        return self.original(*args, **kwargs)
+        return type(m).forward(m, *args, **kwargs)
 
     def _warn(self, why: str) -> None:
         if why in self.warned:
             return
         self.warned.add(why)
         warnings.warn(f"tdd_fx: {type(self.module).__name__}: {why}; running the original "
-                      "forward instead (warned once)", RuntimeWarning, stacklevel=3)
+                      "forward instead (warned once)", RuntimeWarning, stacklevel=4)
 
 
-def install(module: nn.Module, programs: list[Program]) -> None:
+def _dispatch(dispatch: Dispatch, *args: Any, **kwargs: Any) -> Any:
+    return dispatch(*args, **kwargs)
+
+
+class OptimizedForward(functools.partial):
+    """The instance-level ``forward`` of an optimized module: a ``functools.partial`` (which
+    torch.export, torch.compile and pickle all understand) carrying the user's signature (so
+    ``dynamic_shapes`` by argument name and ONNX input names work as on the original)."""
+
+    @property
+    def dispatch(self) -> Dispatch:
+        return self.args[0]
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # type: ignore[override]
+        sig = inspect.signature(type(self.dispatch.module).forward)
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+    def rebind(self, module: nn.Module) -> OptimizedForward:
+        """The same programs on another copy of the module (see ``copy_module_tree``)."""
+        d = self.dispatch
+        return OptimizedForward(_dispatch, Dispatch(module, d.programs, d.plain))
+
+
+def install(module: nn.Module, programs: list[Program],
+            plain: list[tuple[bool, ...]] | None = None) -> None:
     """Make ``module`` (a copy owned by tdd_fx) run ``programs``, falling back to its class's
-    own ``forward``."""
-    module.forward = OptimizedForward(module, programs)  # type: ignore[method-assign]
+    own ``forward`` (silently in the ``plain`` modes, where there was nothing to rewrite)."""
+    module.forward = OptimizedForward(_dispatch, Dispatch(module, programs, plain))  # type: ignore[method-assign]
 
 
 def programs_of(module: nn.Module) -> list[Program]:
     fwd = module.__dict__.get("forward")
-    return list(fwd.programs) if isinstance(fwd, OptimizedForward) else []
+    return list(fwd.dispatch.programs) if isinstance(fwd, OptimizedForward) else []
 
 
 def graphs(module: nn.Module) -> dict[str, Any]:

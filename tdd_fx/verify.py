@@ -143,6 +143,8 @@ def compare(orig: dict[str, Tensor | None], cand: dict[str, Tensor | None],
         missing = sorted(set(orig) ^ set(cand))
         return Verdict(False, float("inf"), f"outputs/gradients differ in kind: {missing[:4]}")
     worst = frac = 0.0
+    overall = max((float(t.detach().double().abs().max()) for t in (ref or orig).values()
+                   if t is not None and t.is_floating_point() and t.numel()), default=1.0)
     for k, a in orig.items():
         c = cand[k]
         if a is None or c is None:
@@ -168,7 +170,9 @@ def compare(orig: dict[str, Tensor | None], cand: dict[str, Tensor | None],
         eps = torch.finfo(c.dtype).eps
         floor = 64 * eps * scale
         # the original's own error widens the tolerance, up to a ceiling no real error passes
-        tol = min(4 * e_orig + floor, max(floor, CEILING * scale))
+        # (relative to this tensor, or to the model's largest value for a tensor that is zero
+        # in exact arithmetic, like the gradient of a bias before a BatchNorm)
+        tol = min(4 * e_orig + floor, max(floor, CEILING * scale, 64 * eps * overall))
         if k.startswith("output"):
             worst = max(worst, e_cand / scale)
         frac = max(frac, e_cand / tol)

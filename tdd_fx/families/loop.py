@@ -451,8 +451,10 @@ def _operand_reason(n: fx.Node, inside: set[fx.Node], ctx: Context) -> str:
 
 
 def dropout_off(n: fx.Node) -> bool:
+    if n.target not in DROPOUTS:
+        return False
     p = n.args[1]
-    return n.target in DROPOUTS and (n.args[2] is False or (isinstance(p, (int, float)) and p == 0))
+    return n.args[2] is False or (isinstance(p, (int, float)) and p == 0)
 
 
 def _random_reason(n: fx.Node) -> str:

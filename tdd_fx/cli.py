@@ -118,6 +118,18 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in s.split("x"))
 
 
+def parse_input(text: str) -> tuple[str | None, tuple[int, ...], torch.dtype | None]:
+    """``[NAME=]SHAPE[:DTYPE]`` -> (keyword name or None, shape, dtype or None)."""
+    name, eq, rest = text.partition("=")
+    if not eq:
+        name, rest = "", text
+    elif not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"invalid input {text!r}: {name!r} is not an argument "
+                                         "name")
+    shape_text, colon, dtype_text = rest.partition(":")
+    return (name or None, parse_shape(shape_text), parse_dtype(dtype_text) if colon else None)
+
+
 def parse_dtype(text: str) -> torch.dtype:
     """``"float32"`` (or ``"torch.float32"``, ``"long"``, ...) -> the ``torch.dtype``."""
     name = text.strip().lower().removeprefix("torch.")
@@ -141,10 +153,11 @@ def build_parser(prog: str = "tdd-fx") -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("target", metavar="TARGET",
                         help="pkg.module:attr, path/to/file.py:attr, or a saved module *.pt/*.pth")
-    common.add_argument("--input", "-i", dest="inputs", metavar="SHAPE", action="append",
-                        type=parse_shape, required=True,
-                        help="shape of one positional example input, like 8x100x64; repeat for a "
-                             "model taking several inputs")
+    common.add_argument("--input", "-i", dest="inputs", metavar="[NAME=]SHAPE[:DTYPE]",
+                        action="append", type=parse_input, default=[],
+                        help="one example input, like 8x100x64 (positional, in order) or "
+                             "input_ids=2x16:int64 (a keyword argument); repeat for several. "
+                             "Optional when TARGET is a factory returning (model, args, kwargs)")
     common.add_argument("--dtype", dest="dtypes", metavar="DTYPE", action="append", type=parse_dtype,
                         help="dtype of the inputs (float32, float64, bfloat16, float16, int64, int32, "
                              "bool, ...): once for all inputs, or once per --input, in order "
@@ -260,8 +273,9 @@ def _modules_in(module: ModuleType) -> list[str]:
     return names
 
 
-def _build(obj: Any, label: str) -> nn.Module:
-    """An nn.Module instance as it is; a class or a factory called with no arguments."""
+def _build(obj: Any, label: str) -> Any:
+    """An nn.Module instance as it is; a class or a factory called with no arguments (a factory
+    may return ``(model, args)`` or ``(model, args, kwargs)``: the example inputs too)."""
     if isinstance(obj, nn.Module):
         return obj
     if not callable(obj):
@@ -275,8 +289,13 @@ def _build(obj: Any, label: str) -> nn.Module:
     except BaseException as exc:
         raise CliError(f"cannot build the model: {what} {label}() with no arguments raised "
                        f"{_describe(exc)}", EXIT_LOAD) from exc
+    if isinstance(model, tuple) and 2 <= len(model) <= 3 and isinstance(model[0], nn.Module):
+        args = model[1] if isinstance(model[1], tuple) else (model[1],)
+        kwargs = dict(model[2]) if len(model) == 3 and model[2] is not None else {}
+        return model[0], args, kwargs
     if not isinstance(model, nn.Module):
-        raise CliError(f"{label}() returned a {type(model).__name__}, not a torch.nn.Module", EXIT_LOAD)
+        raise CliError(f"{label}() returned a {type(model).__name__}, not a torch.nn.Module "
+                       "(nor a (model, args, kwargs) tuple)", EXIT_LOAD)
     return model
 
 
@@ -297,7 +316,14 @@ def _load_saved(path: Path, device: torch.device) -> nn.Module:
 
 
 def load_target(target: str, device: torch.device | str = "cpu") -> nn.Module:
-    """The model named by ``target`` (see ``tdd-fx --help``); raises :class:`CliError`.
+    """The model named by ``target`` (see ``tdd-fx --help``); raises :class:`CliError`."""
+    loaded = load_target_with_inputs(target, device)
+    return loaded[0] if isinstance(loaded, tuple) else loaded
+
+
+def load_target_with_inputs(target: str, device: torch.device | str = "cpu") -> Any:
+    """The model named by ``target``, or ``(model, args, kwargs)`` when it names a factory that
+    returns its example inputs too; raises :class:`CliError`.
 
     ``pkg.module:attr`` and ``path/to/file.py:attr`` name a class (built with no arguments), a
     factory (called with no arguments) or an ``nn.Module`` instance; any other existing file, or a
@@ -330,6 +356,23 @@ def load_target(target: str, device: torch.device | str = "cpu") -> nn.Module:
 
 
 # --- inputs ----------------------------------------------------------------------------------
+
+def make_example(specs: Sequence[tuple[str | None, tuple[int, ...], torch.dtype | None]],
+                 dtypes: Sequence[torch.dtype] | None, device: torch.device | str, seed: int
+                 ) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+    """(args, kwargs) from ``--input`` specs: positional in order, named as keywords; a spec's
+    own dtype wins over ``--dtype``."""
+    dtypes = list(dtypes or [torch.float32])
+    if len(dtypes) == 1:
+        dtypes = dtypes * len(specs)
+    if len(dtypes) != len(specs):
+        raise ValueError(f"{len(dtypes)} dtypes for {len(specs)} inputs: give one, or one per input")
+    tensors = make_inputs([s for _, s, _ in specs],
+                          [own or d for (_, _, own), d in zip(specs, dtypes)], device, seed)
+    args = tuple(t for (name, _, _), t in zip(specs, tensors) if name is None)
+    kwargs = {name: t for (name, _, _), t in zip(specs, tensors) if name is not None}
+    return args, kwargs
+
 
 def make_inputs(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype] | None = None,
                 device: torch.device | str = "cpu", seed: int = 0) -> tuple[Tensor, ...]:
@@ -365,34 +408,6 @@ def _render(report: Any, fmt: str) -> str:
     return str(report)
 
 
-def _prepare_for_save(module: nn.Module) -> None:
-    """Let ``torch.save`` pickle the GraphModules in ``module`` and ``torch.load`` rebuild them.
-
-    * A model written with ``from __future__ import annotations`` traces to graph nodes whose
-      ``type`` is a string (``'torch.Tensor'``); torch.fx cannot pickle those (pytorch/pytorch#167117:
-      ``AttributeError: 'str' object has no attribute '__name__'``).  The annotations only decorate
-      the generated ``forward``: dropping them changes nothing it computes.
-    * Unpickling re-traces the saved code with the GraphModule's recorded tracer class, built with
-      no arguments; a tracer that needs arguments (tdd_fx's shape-aware one needs the example
-      inputs) is replaced by the plain ``torch.fx.Tracer``, which re-traces generated code alike.
-    """
-    for sub in module.modules():
-        if not isinstance(sub, torch.fx.GraphModule):
-            continue
-        stale = [n for n in sub.graph.nodes if isinstance(n.type, str)]
-        for n in stale:
-            n.type = None
-        if stale:
-            sub.recompile()
-        tracer_cls = getattr(sub, "_tracer_cls", None)
-        if tracer_cls is not None:
-            try:
-                tracer_cls()
-            except Exception:
-                sub._tracer_cls = torch.fx.Tracer
-                sub._tracer_extras = {}
-
-
 def _run(args: argparse.Namespace) -> int:
     import tdd_fx
 
@@ -408,20 +423,27 @@ def _run(args: argparse.Namespace) -> int:
                        f"{args.output / 'model.pt'}", EXIT_USAGE)
 
     torch.manual_seed(args.seed)
-    model = load_target(args.target, device)
+    loaded = load_target_with_inputs(args.target, device)
+    model, f_args, f_kwargs = loaded if isinstance(loaded, tuple) else (loaded, None, None)
     try:
         model = model.to(device)
     except Exception as exc:
         raise CliError(f"cannot move the model to {device}: {_describe(exc)}", EXIT_INTERNAL) from exc
     model.train(args.train)
-    inputs = make_inputs(args.inputs, dtypes, device, args.seed)
+    if args.inputs:
+        inputs, kwargs = make_example(args.inputs, dtypes, device, args.seed)
+    elif f_args is not None:
+        inputs, kwargs = f_args, f_kwargs or {}
+    else:
+        raise CliError("no example inputs: give --input SHAPE (or NAME=SHAPE:DTYPE), or a TARGET "
+                       "factory returning (model, args, kwargs)", EXIT_USAGE)
 
     try:
         if args.command == "audit":
-            report = tdd_fx.audit(model, inputs)
+            report = tdd_fx.audit(model, inputs, kwargs)
             result = None
         else:
-            result = tdd_fx.optimize(model, inputs)
+            result = tdd_fx.optimize(model, inputs, kwargs)
             report = result.tdd_report
     except ValueError as exc:
         if exc.__cause__ is not None:  # tdd_fx: "the model itself fails on the example inputs"
@@ -432,7 +454,6 @@ def _run(args: argparse.Namespace) -> int:
     if result is not None:
         try:
             args.output.parent.mkdir(parents=True, exist_ok=True)
-            _prepare_for_save(result)
             torch.save(result, args.output)
         except Exception as exc:
             args.output.unlink(missing_ok=True)  # no truncated file left behind

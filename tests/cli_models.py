@@ -80,3 +80,20 @@ INSTANCE = Wrapped()
 def not_a_model() -> int:
     """A factory that returns something other than a module."""
     return 42
+
+
+class Keyworded(nn.Module):
+    """Called with keywords, like a transformers model: ``m(features=..., mask=...)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.td = TimeDistributed(nn.Linear(6, 4))
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.td(features)
+        return y if mask is None else y * mask[..., None]
+
+
+def make_keyworded() -> tuple[nn.Module, tuple, dict]:
+    """A factory returning the model and its example call: (model, args, kwargs)."""
+    return Keyworded().eval(), (), {"features": torch.randn(4, 7, 6), "mask": torch.ones(4, 7)}

@@ -144,8 +144,27 @@ def capture(model: nn.Module, example: Example, training: bool | None) -> Captur
     return _capture(model, example, training)
 
 
+def hooked(model: nn.Module) -> str:
+    """The path of a module whose Python hooks tdd_fx cannot keep ("" when none): a captured
+    graph would compute what a hook returns but never run the hook itself (its side effects,
+    its later removal), so such a module is left to run its own code."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return "(global module hooks)"
+    if nn.modules.module._global_backward_hooks:
+        return "(global module hooks)"
+    for path, m in model.named_modules():
+        if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None)):
+            return path or type(model).__name__
+    return ""
+
+
 def _capture(model: nn.Module, example: Example, training: bool | None) -> Captured:
     start = time.perf_counter()
+    where = hooked(model)
+    if where:
+        raise CaptureError(f"{where} has Python hooks (forward/backward, pre or post): a graph "
+                           "would not run them, so it keeps its own code")
     wrapper = _Call(model)
     ex = example.clone()
     try:

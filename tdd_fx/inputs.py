@@ -1,5 +1,6 @@
 """Example inputs the way users call their models: positional and keyword arguments, nested
-tuples/lists/dicts of tensors, and non-tensor leaves (``None``, bools, numbers) held constant.
+tuples/lists/dicts of tensors, and non-tensor leaves (``None``, bools, numbers, strings, dtypes,
+devices) held constant.
 
 :class:`Example` is what every stage passes around; it mirrors ``torch.export.export(mod, args,
 kwargs)``.
@@ -88,9 +89,9 @@ def make_example(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) 
     for path, leaf in leaves:
         where = _path_name(path)
         if not isinstance(leaf, _LEAF_TYPES):
-            raise TypeError(f"example input {where} is a {type(leaf).__name__}: example inputs "
-                            "must be tensors, or tuples/lists/dicts of them, with None/bool/"
-                            "int/float constants")
+            raise TypeError(f"example input {where} is of type {type(leaf).__name__}: example "
+                            "inputs must be tensors, or tuples/lists/dicts of them, with None/"
+                            "bool/int/float/str/dtype/device constants")
         if isinstance(leaf, Tensor):
             _check_tensor(leaf, where)
     if not example.tensors():

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from . import rewrite
@@ -64,6 +65,7 @@ class ModeResult:
     verdict: Verdict | None = None
     notes: list[str] = field(default_factory=list)
     kernels: dict[str, str] = field(default_factory=dict)
+    site_errors: dict[str, float] = field(default_factory=dict)
 
 
 def build_program(captured: Captured, matches: list[Match], names: list[str],
@@ -72,7 +74,7 @@ def build_program(captured: Captured, matches: list[Match], names: list[str],
     fixed: dict[Any, int] = {}
     for m in matches:
         fixed.update(m.guards)
-    return Program(captured, gm, names, flags, fixed), kernels
+    return Program(captured, gm, names, flags, fixed, list(kernels)), kernels
 
 
 def candidate_module(model: nn.Module, program: Program) -> nn.Module:
@@ -165,7 +167,63 @@ def verify_mode(model: nn.Module, example: Example, captured: Captured, proved: 
         check(good)
     result.accepted, result.verdict = good, last["v"]
     result.program, result.kernels = last["program"], last["kernels"]
+    if result.program is not None and good:
+        try:
+            result.site_errors = site_errors(model, captured, result.program, example)
+        except Exception:  # a per-site figure is a report detail; the model is verified whole
+            result.site_errors = {}
     return result
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, keep: Any) -> None:
+        super().__init__(gm)
+        self.keep = keep
+        self.got: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        key = self.keep(n)
+        if key and isinstance(out, torch.Tensor):
+            self.got[key] = out.detach()
+        return out
+
+
+def site_errors(model: nn.Module, captured: Captured, program: Program,
+                example: Example) -> dict[str, float]:
+    """Max relative difference of each rewritten site's own result, before vs after (the dense
+    op's output in the captured graph against its canonical node's, same elements in order)."""
+    from .ops import time_distributed_dense
+
+    flat = program.flatten(example.args, example.kwargs)
+    state = [program_state(model, program)]
+    names = set(program.sites)
+    before = _Recorder(captured.gm, lambda n: n.name if n.name in names else "")
+    after = _Recorder(program.gm, lambda n: n.meta.get("tdd_site", "")
+                      if n.target is time_distributed_dense else "")
+    for rec in (before, after):
+        with preserved([model]), torch.no_grad():
+            torch.manual_seed(0x7DD)
+            rec.run(*state[0], *flat)
+    last = {n.meta.get("tdd_site") for n in program.gm.graph.nodes
+            if n.target is time_distributed_dense and n.kwargs.get("feature_dim", -1) == -1}
+    out: dict[str, float] = {}
+    for site, a in before.got.items():
+        b = after.got.get(site)
+        if b is None or a.numel() != b.numel() or not a.is_floating_point():
+            continue
+        folded = site in last and a.shape[-1] == b.shape[-1]  # rows of a fold, in order
+        if not folded and [d for d in a.shape if d != 1] != [d for d in b.shape if d != 1]:
+            continue  # laid out differently (a channel-first site): no element-wise pairing
+        scale = float(a.abs().max()) or 1.0
+        out[site] = float((a.double().flatten() - b.double().flatten()).abs().max()) / scale
+    return out
+
+
+def program_state(model: nn.Module, program: Program) -> list[Any]:
+    from .program import _fetch
+
+    return [_fetch(model, kind, target, program.constants) for kind, target in program.state]
 
 
 def _verify_program(model: nn.Module, program: Program, sets: list[Example], ref: Reference,
@@ -247,6 +305,8 @@ def plan(model: nn.Module, example: Example, notes: list[str]) -> list[Part]:
                 continue
             sub = calls[path]
             if _is_standard(child) and not isinstance(child, _LAYERS):
+                if any(p.startswith(path + ".") for p in calls):
+                    visit(child, path + ".")  # a standard container (Sequential): look inside
                 continue
             try:
                 capture(child, sub, None)
@@ -311,6 +371,7 @@ def settle(part: Part, optimize: bool, primary: bool) -> list[Site]:
             if site.status == "rewritten":
                 res = part.modes[shown]
                 site.kernel = res.kernels.get(site.node, site.kernel)
+                site.max_error = res.site_errors.get(site.node)
             sites.append(site)
     other = not shown
     if optimize and other in part.matches and other in part.modes:

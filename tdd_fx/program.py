@@ -88,7 +88,8 @@ class InputChecker:
                                        f"{x.device.type}, captured as {info[0]}-D {info[1]} on "
                                        f"{info[2]}")
             elif type(x) is not type(info) or x != info:
-                raise CallMismatch(f"{self.names[i]} is {x!r}, captured at {info!r}")
+                got = f"a {type(x).__name__}" if isinstance(x, Tensor) else repr(x)
+                raise CallMismatch(f"{self.names[i]} is {got}, captured at {info!r}")
         bound: dict[Any, int] = {}
         for i, d, e in self.plan:
             size = flat[i].shape[d]
@@ -105,7 +106,7 @@ class InputChecker:
                                        f"captured range [{lo}, {hi if hi is not None else 'inf'}]")
                 bound[e] = size
                 continue
-            want = e.xreplace(bound)
+            want = sympy.sympify(e.xreplace(bound) if isinstance(e, sympy.Basic) else e)
             if not want.is_Integer or int(want) != size:
                 raise CallMismatch(f"{self.names[i]}.shape[{d}] is {size}; the capture needs "
                                    f"{e} = {want}")
@@ -119,7 +120,10 @@ class Program:
     """One captured (and rewritten) graph, for one mode, callable on a live module tree."""
 
     def __init__(self, captured: Captured, gm: fx.GraphModule, names: list[str],
-                 flags: tuple[bool, ...], fixed: dict[Any, int] | None = None) -> None:
+                 flags: tuple[bool, ...], fixed: dict[Any, int] | None = None,
+                 sites: list[str] | None = None) -> None:
+        #: names (in the captured graph) of the dense ops this program rewrote
+        self.sites = list(sites or [])
         self.training = captured.training
         self.gm = gm
         self.state = captured.state

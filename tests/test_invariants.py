@@ -7,12 +7,16 @@
   ``opt.parameters()`` trains the original's tensors;
 - ``train()``/``eval()`` behave as before;
 - ``optimize(optimize(m))`` finds nothing new;
-- tied modules keep their identity.
+- tied modules keep their identity;
+- the result is the user's own module tree: ``type(opt) is type(model)``, same attributes, an
+  instance-level ``forward`` running the captured program of the current train/eval mode, and the
+  original code (warned once) for any call the capture did not cover.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -20,6 +24,9 @@ from conftest import assert_equivalent
 from torch import nn
 
 import tdd_fx
+from tdd_fx.ops import time_distributed_dense
+
+FALLBACK = "running the original forward instead"
 
 # --------------------------------------------------------------------------------------------
 # models
@@ -93,6 +100,17 @@ def x3(b: int = 3, t: int = 5, f: int = 6, seed: int = 1) -> torch.Tensor:
 # helpers
 
 
+def canonical_nodes(opt: nn.Module) -> list:
+    """The canonical nodes of every graph the optimized module runs (all parts, all modes)."""
+    return [n for modes in tdd_fx.graphs(opt).values() for gm in modes.values()
+            for n in gm.graph.nodes if n.target is time_distributed_dense]
+
+
+def fallbacks(record: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in record
+            if issubclass(w.category, RuntimeWarning) and FALLBACK in str(w.message)]
+
+
 def snapshot(model: nn.Module) -> dict:
     """Everything about a model that optimize/audit must leave as it was."""
     return {
@@ -149,6 +167,23 @@ def test_original_not_mutated_train_mode_batchnorm(entry):
     assert {s.module for s in sites} >= {"fc1", "fc2"}
 
 
+def test_train_mode_batchnorm_fold_is_rewritten_and_runs_in_train_mode():
+    torch.manual_seed(3)
+    model = FoldNet().train()
+    opt = tdd_fx.optimize(model, (x3(),))
+    assert {s.module for s in opt.tdd_report.rewritten} >= {"fc1", "fc2"}
+    assert opt.tdd_report.verified is True
+    assert tdd_fx.graph_of(opt, mode="train") is not None
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        torch.manual_seed(1)
+        out = opt(x3(seed=2))
+    assert fallbacks(record) == []
+    twin = copy.deepcopy(model)
+    torch.manual_seed(1)
+    torch.testing.assert_close(out, twin(x3(seed=2)))
+
+
 def test_original_not_mutated_in_eval_mode_and_without_inputs():
     model = FoldNet().eval()
     snap = snapshot(model)
@@ -200,6 +235,7 @@ def test_state_dict_same_keys_order_and_shapes_including_unused():
     model = FoldNet()
     opt = tdd_fx.optimize(model, (x3(),))
     assert opt.tdd_report.rewritten  # the graph really was changed
+    assert canonical_nodes(opt)
     sd, osd = model.state_dict(), opt.state_dict()
     assert list(osd) == list(sd)
     assert {k: v.shape for k, v in osd.items()} == {k: v.shape for k, v in sd.items()}
@@ -294,7 +330,10 @@ def test_train_eval_switch_like_the_original(factory):
         torch.manual_seed(seed)
         a = model(x)
         torch.manual_seed(seed)
-        b = opt(x)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            b = opt(x)
+        assert fallbacks(record) == [], "each mode runs its captured program"
         return a, b
 
     a, b = both(7)
@@ -322,6 +361,27 @@ def test_train_eval_switch_like_the_original(factory):
     torch.testing.assert_close(b, a)
 
 
+def test_flags_no_capture_covered_run_the_original_with_one_warning():
+    """opt.train() with one submodule frozen in eval: no program was captured for these flags."""
+    torch.manual_seed(0)
+    model = Simple().train()
+    opt = tdd_fx.optimize(model, (x3(),))
+    assert len(opt.tdd_report.rewritten) == 2
+    opt.train()
+    opt.drop.eval()
+    ref = copy.deepcopy(model).train()
+    ref.drop.eval()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for seed in range(3):
+            torch.manual_seed(seed)
+            torch.testing.assert_close(opt(x3(seed=seed)), ref(x3(seed=seed)))
+    warned = fallbacks(record)
+    assert len(warned) == 1, warned
+    assert "no graph was captured and verified for this mode (train" in warned[0]
+    assert model.drop.training  # the original's flags are its own
+
+
 def test_result_eval_reaches_the_modules_of_the_rewritten_graph():
     """opt.eval() alone (the original stays in train mode) gives the original's eval output."""
     torch.manual_seed(0)
@@ -344,7 +404,24 @@ def test_optimize_twice_finds_nothing_new_simple():
     assert len(once.tdd_report.rewritten) == 2
     twice = tdd_fx.optimize(once, inputs)
     assert [s.where for s in twice.tdd_report.rewritten] == []
+    assert type(twice) is Simple
+    assert twice.tdd_report.sites == []  # the canonical nodes are not candidates again
+    # the first pass's work is kept: no fold/unfold comes back around the dense layers
+    folds = {torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+             torch.ops.aten._unsafe_view.default}
+    assert len(canonical_nodes(once)) == len(canonical_nodes(twice)) == 4
+    for graph in (tdd_fx.graph_of(once), tdd_fx.graph_of(twice)):
+        assert not any(n.target in folds for n in graph.graph.nodes), graph.code
     assert_equivalent(twice, model, inputs)
+
+
+def test_optimizing_an_optimized_model_does_not_warn():
+    model = Simple().eval()
+    once = tdd_fx.optimize(model, (x3(),))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        tdd_fx.optimize(once, (x3(),))
+    assert fallbacks(record) == []
 
 
 def test_optimize_twice_finds_nothing_new_with_batchnorm_in_fold():
@@ -494,10 +571,14 @@ def test_untraceable_model_keeps_its_code_sharing_parameters(with_inputs):
     if with_inputs:
         assert [s.module for s in opt.tdd_report.rewritten] == ["a.module"]
         assert opt.tdd_report.verified is True
-        assert any("traced its submodules" in n for n in opt.tdd_report.notes)
+        assert any(n.startswith("captured its submodules instead") and n.endswith(": a")
+                   for n in opt.tdd_report.notes), opt.tdd_report.notes
+        assert tdd_fx.graphs(opt).keys() == {"a"}
     else:
         assert opt.tdd_report.rewritten == []
-        assert any("unchanged" in n for n in opt.tdd_report.notes)
+        assert any("returned unchanged and NOT verified" in n for n in opt.tdd_report.notes)
+        assert tdd_fx.graphs(opt) == {}
+    assert "forward" not in opt.__dict__  # the root runs its own class's code
     assert [id(p) for p in opt.parameters()] == [id(p) for p in model.parameters()]
     assert list(opt.state_dict()) == list(model.state_dict())
     pos, neg = x3(), -x3().abs()
@@ -529,3 +610,73 @@ def test_default_none_argument_without_example_inputs():
     model = DefaultNone().eval()
     opt = tdd_fx.optimize(model)
     torch.testing.assert_close(opt(x3()), model(x3()))
+
+
+# --------------------------------------------------------------------------------------------
+# the result is the user's module tree
+
+
+class WithExtras(FoldNet):
+    """Attributes and methods of the user's class must survive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.horizon = 5
+        self.names = ["a", "b"]
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x).argmax(-1)
+
+
+def test_result_is_the_users_class_with_an_instance_forward():
+    model = WithExtras().eval()
+    opt = tdd_fx.optimize(model, (x3(),))
+    assert type(opt) is WithExtras and opt is not model
+    assert isinstance(opt, FoldNet)
+    assert opt.horizon == 5 and opt.names == ["a", "b"]
+    assert type(opt).forward is WithExtras.forward  # the class is not patched
+    assert "forward" in opt.__dict__ and "forward" not in model.__dict__
+    assert len([n for n in tdd_fx.graph_of(opt).graph.nodes
+                if n.target is time_distributed_dense]) == 2
+    with pytest.raises(LookupError):
+        tdd_fx.graph_of(model)
+    assert torch.equal(opt.predict(x3()), model.predict(x3()))
+    assert [type(m) for m in opt.modules()] == [type(m) for m in model.modules()]
+    for (n, m), (_, k) in zip(model.named_modules(), opt.named_modules()):
+        assert k is not m, n  # module objects are copies; parameters are shared (above)
+
+
+def test_deepcopy_of_result_is_independent_and_still_optimized():
+    model = Simple().eval()
+    opt = tdd_fx.optimize(model, (x3(),))
+    twin = copy.deepcopy(opt)
+    assert type(twin) is Simple
+    assert twin.a.module.weight is not opt.a.module.weight
+    assert len(canonical_nodes(twin)) == len(canonical_nodes(opt))
+    with torch.no_grad():
+        twin.a.module.weight.mul_(2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out_twin, out_opt = twin(x3()), opt(x3())
+    assert fallbacks(record) == []
+    torch.testing.assert_close(out_opt, model(x3()))  # untouched by the copy's change
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref.a.module.weight.mul_(2)
+    torch.testing.assert_close(out_twin, ref(x3()))  # the copy runs on its own parameters
+
+
+def test_load_state_dict_assign_and_functional_call_reach_the_program():
+    model = Simple().eval()
+    opt = tdd_fx.optimize(model, (x3(),))
+    other = Simple().eval()
+    params = {k: v * 0.5 for k, v in model.named_parameters()}
+    torch.testing.assert_close(torch.func.functional_call(opt, params, (x3(),)),
+                               torch.func.functional_call(model, params, (x3(),)))
+    opt.load_state_dict(copy.deepcopy(other.state_dict()), assign=True)
+    assert opt.a.module.weight is not model.a.module.weight
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out = opt(x3())
+    assert fallbacks(record) == []
+    torch.testing.assert_close(out, other(x3()))

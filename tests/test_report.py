@@ -7,6 +7,7 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -14,9 +15,21 @@ from torch import nn
 
 import tdd_fx
 from tdd_fx import Report, Site
+from tdd_fx.ops import time_distributed_dense
 
 HEADERS = ["pattern", "where", "status", "shapes", "kernel", "max err", "reason"]
 HERE = os.path.basename(__file__)
+
+BUG_SHARED_SIZE = (
+    "engine bug: program.InputChecker.check crashes (AttributeError: 'int' object has no "
+    "attribute 'is_Integer') when one symbolic size is bound by two input axes (x and cat share "
+    "B and T): every candidate fails verification, nothing is rewritten")
+
+
+def canonical_nodes(opt: nn.Module) -> list:
+    """The canonical nodes of every graph the optimized module runs (all parts, all modes)."""
+    return [n for modes in tdd_fx.graphs(opt).values() for gm in modes.values()
+            for n in gm.graph.nodes if n.target is time_distributed_dense]
 
 
 def line_of(func, marker: str) -> int:
@@ -70,6 +83,19 @@ class Nested(nn.Module):
         h = self.encoder.td(x)
         static = self.embed(cat.view(-1)).view(b, t, -1)
         return self.flat(h * static)
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow at the root: torch.export cannot capture it whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.td = Wrap(nn.Linear(8, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > 0:  # SITE-branch
+            return self.td(x)
+        return -self.td(x)
 
 
 class NearMiss(nn.Module):
@@ -126,7 +152,17 @@ def test_table_rows_show_status_shapes_kernel():
     assert "linear" in row
     assert "optimize of Flat: 1 candidate site(s), 1 rewritten, 0 rolled back, 0 rejected" in str(
         opt.tdd_report)
-    assert "verified" in opt.tdd_report.summary()
+    assert "outputs and gradients verified" in opt.tdd_report.summary()
+    # each rewritten row is one canonical node of the graph the result runs (train and eval)
+    assert len(canonical_nodes(opt)) == 2
+    assert {n.meta["tdd_site"] for n in canonical_nodes(opt)} == {opt.tdd_report.sites[0].node}
+
+
+def test_rewritten_sites_carry_their_max_error():
+    report = tdd_fx.optimize(Flat(), (xs(),)).tdd_report
+    site = report.rewritten[0]
+    assert site.max_error is not None and site.max_error < 1e-5
+    assert f"{site.max_error:.1e}" in report.table().splitlines()[2]
 
 
 def test_empty_report_says_so():
@@ -247,8 +283,12 @@ def test_audit_explains_view_b_minus_one():
     assert len(report.sites) == 1
     site = report.sites[0]
     assert site.status == "rejected"
-    assert "merges the feature axis" in site.reason
-    assert "view(B, -1)" in site.reason
+    # the reshape is shown with the example's sizes (B, T, F) -> (B, T*F), and the feature axis
+    # it merges; never the capture's internal size symbols
+    assert ("the reshape (2, 5, 8) -> (2, 40) before it merges the feature axis (8) with other "
+            "axes") in site.reason, site.reason
+    assert not re.search(r"\bs\d+\b", site.reason), site.reason
+    assert "one dense layer over all of them, not one per position" in site.reason
     assert site.where.startswith("fc")
     assert site.where.endswith(f"{HERE}:{line_of(NearMiss.forward, '# SITE-near')})")
     assert "merges the feature axis" in " ".join(str(report).split())  # wrapped cells joined
@@ -277,10 +317,45 @@ def test_without_inputs_report_says_not_verified(entry):
     assert report.inputs == ""
 
 
+def test_without_inputs_the_note_says_nothing_was_examined():
+    report = tdd_fx.audit(Flat())
+    assert len(report.notes) == 1
+    assert report.notes[0].startswith("no example inputs were given")
+    assert "nothing was examined" in report.notes[0]
+    assert report.sites == []
+
+
 def test_without_inputs_result_still_runs_like_the_original():
     model = Flat()
     opt = tdd_fx.optimize(model)
+    assert any("returned unchanged" in n for n in opt.tdd_report.notes)
+    assert type(opt) is Flat and opt is not model
+    assert tdd_fx.graphs(opt) == {}  # nothing captured: the class's own forward runs
+    assert "forward" not in opt.__dict__
+    assert opt.fc.weight is model.fc.weight
     torch.testing.assert_close(opt(xs()), model(xs()))
+
+
+# --------------------------------------------------------------------------------------------
+# a root torch.export cannot capture
+
+
+def test_untraceable_root_is_explained_in_the_notes():
+    opt = tdd_fx.optimize(Branchy(), (xs(),))
+    report = opt.tdd_report
+    line = line_of(Branchy.forward, "# SITE-branch")
+    root = [n for n in report.notes if n.startswith("Branchy as a whole: ")]
+    assert len(root) == 1, report.notes
+    assert "torch.export could not capture it" in root[0]
+    assert root[0].endswith(f"{HERE}:{line}"), root[0]  # the user's line that stops export
+    assert ("captured its submodules instead, with the inputs each received on the example: td"
+            in report.notes)
+    assert "note: captured its submodules instead" in str(report)
+    assert [s.module for s in report.rewritten] == ["td.module"]
+    assert report.rewritten[0].where.startswith("td.module")
+    assert tdd_fx.graphs(opt).keys() == {"td"}
+    for x in (xs(), -xs().abs()):
+        torch.testing.assert_close(opt(x), Branchy.forward(opt, x))
 
 
 def test_with_inputs_no_such_note():
@@ -308,7 +383,10 @@ def test_status_filters_on_a_hand_built_report():
 
 
 def test_rewritten_filters_a_real_report():
-    report = tdd_fx.optimize(Nested(), nested_inputs()).tdd_report
+    opt = tdd_fx.optimize(Nested(), nested_inputs())
+    report = opt.tdd_report
+    assert report.verified is True
+    assert len(canonical_nodes(opt)) == 2 * len(report.rewritten)  # train and eval graphs
     assert {s.module for s in report.rewritten} == {"encoder.td.module", "flat.fc"}
     assert all(s.status == "rewritten" for s in report.rewritten)
     assert [s.module for s in report.rejected] == ["embed"]

@@ -182,9 +182,16 @@ def product(sizes: Iterable[Any]) -> Any:
 
 
 def render(shape: Iterable[Any] | None) -> str:
+    """Sizes as the user saw them on the example (never the capture's internal symbols)."""
     if shape is None:
         return "?"
-    return "(" + ", ".join(str(expr(s)) for s in shape) + ")"
+    return "(" + ", ".join(str(_hint(s)) for s in shape) + ")"
+
+
+def _hint(size: Any) -> Any:
+    if isinstance(size, torch.SymInt):
+        return size.node.hint if size.node.hint is not None else "?"
+    return size if not isinstance(size, sympy.Basic) or size.is_number else "?"
 
 
 Check = Callable[[], str]

@@ -147,8 +147,12 @@ def _check(node: fx.Node, p: ConvParams, ctx: Context) -> str:
                                           "block-diagonal, not dense"),
         lambda: "" if p.in_shape is not None and len(p.in_shape) - p.c == len(p.kernel) + 1 else
         "the input's rank does not match the kernel's",
-        lambda: spanned_axes(p, ctx) if isinstance(spanned_axes(p, ctx), str) else "",
+        lambda: _reason(spanned_axes(p, ctx)),
     )
+
+
+def _reason(axes: list[int] | str) -> str:
+    return axes if isinstance(axes, str) else ""
 
 
 def _val_shape(n: Any) -> Any:

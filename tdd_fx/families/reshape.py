@@ -391,7 +391,7 @@ def _merged_features(node: fx.Node, ctx: Context) -> Match | None:
     if same(s_out[-1], s_in[-1]):
         return None
     reason = (f"the reshape {render(s_in)} -> {render(s_out)} before it merges the feature axis "
-              f"({expr(s_in[-1])}) with other axes: one dense layer over all of them, not one "
+              f"({render(s_in[-1:])[1:-1]}) with other axes: one dense layer over all of them, not one "
               "per position")
     return rejected(ctx, DENSE[node.target], node, src.args[0], node, reason, [])
 

@@ -153,6 +153,20 @@ def resized(example: Example, dims: dict[int, set[int]], seed: int = SEED) -> Ex
     return Example(tuple(args), dict(kwargs))
 
 
+def resized_to(example: Example, sizes: dict[tuple[int, int], int], seed: int = SEED) -> Example:
+    """The example with the given (leaf, axis) -> size, random data of the same statistics."""
+    g = torch.Generator().manual_seed(seed)
+    leaves, spec = pytree.tree_flatten((example.args, example.kwargs))
+    out = []
+    for i, x in enumerate(leaves):
+        if isinstance(x, Tensor) and any(k[0] == i for k in sizes):
+            shape = [sizes.get((i, d), s) for d, s in enumerate(x.shape)]
+            x = like(x, shape, g)
+        out.append(x)
+    args, kwargs = pytree.tree_unflatten(out, spec)
+    return Example(tuple(args), dict(kwargs))
+
+
 def like(x: Tensor, shape: Sequence[int], g: torch.Generator) -> Tensor:
     """Random data shaped ``shape`` with ``x``'s dtype, device and (finite) statistics."""
     if x.is_floating_point() or x.is_complex():

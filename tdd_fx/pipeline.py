@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import sympy
 import torch
 import torch.fx as fx
 from torch import nn
@@ -23,8 +24,8 @@ from . import rewrite
 from ._state import preserved
 from .capture import Captured, CaptureError, capture, copy_module_tree, describe_failure
 from .families import FAMILIES, Context, Family, Match
-from .inputs import Example, leaf_names, resized
-from .program import CallMismatch, Program, install, tree_flags
+from .inputs import Example, leaf_names, resized_to
+from .program import Program, install, tree_flags
 from .report import Report, Site
 from .verify import Reference, Verdict, fp64_reference, reference, verify
 
@@ -64,12 +65,13 @@ class ModeResult:
     rolled_back: dict[int, str] = field(default_factory=dict)
     verdict: Verdict | None = None
     notes: list[str] = field(default_factory=list)
-    kernels: dict[str, str] = field(default_factory=dict)
+    #: per site: (kernel, feature_dim) of its canonical node as it ended
+    kernels: dict[str, tuple[str, int]] = field(default_factory=dict)
     site_errors: dict[str, float] = field(default_factory=dict)
 
 
 def build_program(captured: Captured, matches: list[Match], names: list[str],
-                  flags: tuple[bool, ...]) -> tuple[Program, dict[str, str]]:
+                  flags: tuple[bool, ...]) -> tuple[Program, dict[str, tuple[str, int]]]:
     gm, kernels = rewrite.apply(captured, matches)
     fixed: dict[Any, int] = {}
     for m in matches:
@@ -85,26 +87,32 @@ def candidate_module(model: nn.Module, program: Program) -> nn.Module:
 
 def alternative(model: nn.Module, example: Example, program: Program,
                 keep: set[Any] = frozenset()) -> Example | None:  # type: ignore[assignment]
-    """The example with other sizes on every axis the capture kept symbolic (except the sizes
-    in ``keep``, which rewrites fixed), accepted by the capture's conditions and by the model."""
-    dims: dict[int, set[int]] = {}
+    """The example with other sizes for every size symbol the capture kept (except those in
+    ``keep``, which rewrites fixed): each symbol grows, every axis follows its expression (an
+    axis of ``16 - s`` shrinks as ``s`` grows); accepted by the capture's conditions and by the
+    model itself."""
     leaves = example.leaves()
+    hints: dict[Any, int] = {}
     for i, d, e in program.checker.plan:
-        if isinstance(e, int) or not isinstance(leaves[i], torch.Tensor):
-            continue
-        if not (getattr(e, "free_symbols", set()) & set(keep)):
-            dims.setdefault(i, set()).add(d)
-    if not dims:
+        if isinstance(e, sympy.Symbol) and isinstance(leaves[i], torch.Tensor):
+            hints.setdefault(e, int(leaves[i].shape[d]))
+    free = [s for s in hints if s not in keep]
+    if not free:
         return None
-    for seed in range(4):
-        alt = resized(example, dims, seed=0x7DD + seed)
-        if alt is None:
-            return None
+    for step in (3, 2, 5, 1):
+        values = {s: v + (step if s in free else 0) for s, v in hints.items()}
+        sizes: dict[tuple[int, int], int] = {}
+        for i, d, e in program.checker.plan:
+            if isinstance(leaves[i], torch.Tensor) and not isinstance(e, int):
+                v = sympy.sympify(sympy.sympify(e).xreplace(values))
+                if v.is_Integer and int(v) > 0:
+                    sizes[(i, d)] = int(v)
+        alt = resized_to(example, sizes, seed=0x7DD + step)
         try:
             program.checker.check(program.flatten(alt.args, alt.kwargs))
             with preserved([model]), torch.no_grad():
                 alt.clone().call(model)
-        except (CallMismatch, Exception):
+        except Exception:
             continue
         return alt
     return None
@@ -251,15 +259,20 @@ class Part:
     failures: dict[bool, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: the capture in the module's own mode, when planning already made it
+    first: Captured | None = None
 
 
-def capture_modes(module: nn.Module, example: Example) -> tuple[dict[bool, Captured],
-                                                                 dict[bool, str]]:
+def capture_modes(module: nn.Module, example: Example, first: Captured | None = None
+                  ) -> tuple[dict[bool, Captured], dict[bool, str]]:
     """The module's graph as it is (its own flags), and in the other mode."""
     primary = module.training
     out: dict[bool, Captured] = {}
     failures: dict[bool, str] = {}
     for training in (primary, not primary):
+        if training == primary and first is not None:
+            out[training] = first
+            continue
         try:
             out[training] = capture(module, example, training if training != primary else None)
         except CaptureError as exc:
@@ -268,7 +281,7 @@ def capture_modes(module: nn.Module, example: Example) -> tuple[dict[bool, Captu
 
 
 def run_part(part: Part, optimize: bool, families: Sequence[Family] = FAMILIES) -> None:
-    captured, part.failures = capture_modes(part.module, part.example)
+    captured, part.failures = capture_modes(part.module, part.example, part.first)
     flags_now = tree_flags(part.module)
     for training, cap in captured.items():
         part.seconds += cap.seconds
@@ -289,7 +302,7 @@ def plan(model: nn.Module, example: Example, notes: list[str]) -> list[Part]:
     subtrees, each with the inputs it received on the example (containers are looked inside)."""
     whole = Part("", model, example)
     try:
-        capture(model, example, None)
+        whole.first = capture(model, example, None)
         return [whole]
     except CaptureError as exc:
         notes.append(f"{type(model).__name__} as a whole: {exc}")
@@ -309,8 +322,7 @@ def plan(model: nn.Module, example: Example, notes: list[str]) -> list[Part]:
                     visit(child, path + ".")  # a standard container (Sequential): look inside
                 continue
             try:
-                capture(child, sub, None)
-                parts.append(Part(path, child, sub))
+                parts.append(Part(path, child, sub, first=capture(child, sub, None)))
             except CaptureError as exc:
                 notes.append(f"{path} ({type(child).__name__}) left out: {exc}")
                 visit(child, path + ".")
@@ -370,7 +382,8 @@ def settle(part: Part, optimize: bool, primary: bool) -> list[Site]:
                 site.kernel = ""
             if site.status == "rewritten":
                 res = part.modes[shown]
-                site.kernel = res.kernels.get(site.node, site.kernel)
+                site.kernel, site.feature_dim = res.kernels.get(
+                    site.node, (site.kernel, site.feature_dim))
                 site.max_error = res.site_errors.get(site.node)
             sites.append(site)
     other = not shown

@@ -37,8 +37,13 @@ class Rewriter:
                                            if n.op == "placeholder"])
         self.touched: list[fx.Node] = []
         self.sites: dict[str, fx.Node] = {}
+        self.moved: dict[str, str] = {}
 
     def __getitem__(self, name: str) -> fx.Node:
+        """The node that now stands for ``name`` of the captured graph (following earlier
+        replacements: one match's input may be another match's replaced output)."""
+        while name in self.moved:
+            name = self.moved[name]
         return self.nodes[name]
 
     # --- insertion ----------------------------------------------------------------------
@@ -85,6 +90,7 @@ class Rewriter:
         """Every use of ``old`` now reads ``new``; ``old`` (and what only it used) is removed
         at :meth:`finish` if nothing else needs it."""
         old.replace_all_uses_with(new)
+        self.moved[old.name] = new.name
         self.touched.append(old)
 
     def finish(self) -> fx.GraphModule:
@@ -231,5 +237,6 @@ def apply(captured: Captured, matches: list[Match]) -> tuple[fx.GraphModule, dic
             x = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
             fd = n.kwargs.get("feature_dim", -1)
             last = fd == -1 or (x is not None and fd % x.dim() == x.dim() - 1)
-            kernels[n.meta["tdd_site"]] = "linear" if last else n.kwargs.get("impl", "linear")
+            kernel = "linear" if last else n.kwargs.get("impl", "linear")
+            kernels[n.meta["tdd_site"]] = (kernel, -1 if last else fd)
     return gm, kernels

@@ -172,7 +172,7 @@ def compare(orig: dict[str, Tensor | None], cand: dict[str, Tensor | None],
         # the original's own error widens the tolerance, up to a ceiling no real error passes
         # (relative to this tensor, or to the model's largest value for a tensor that is zero
         # in exact arithmetic, like the gradient of a bias before a BatchNorm)
-        tol = min(4 * e_orig + floor, max(floor, CEILING * scale, 64 * eps * overall))
+        tol = e_orig + min(3 * e_orig, max(CEILING * scale, 64 * eps * overall)) + floor
         if k.startswith("output"):
             worst = max(worst, e_cand / scale)
         frac = max(frac, e_cand / tol)

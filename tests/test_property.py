@@ -11,11 +11,15 @@ inputs it accepts:
 - outputs and gradients (of parameters and inputs) equal the original's, within tolerances for
   the dtype, on the example inputs and on up to ``MAX_ALTERNATIVES`` inputs with other batch/time
   sizes that the original accepts, in the model's mode; and on the example inputs in the other
-  train/eval mode.  A ``tdd_fx.GuardError`` (or the guard's documented fall back to the original
-  module) at another size is allowed and counted; any other exception is a failure.
+  train/eval mode.  At another size or in the other mode, a fall back to the original forward
+  (the one-time "running the original forward instead" warning of a call the capture did not
+  cover) is allowed and counted; on the example inputs in the model's mode, with something
+  rewritten, it is a failure; any exception is a failure.
 
-CI runs ``MAX_EXAMPLES`` (1500) examples, derandomized (the same examples on every run), in about
-60-90 s on 2 CPU cores (on one torch thread: tiny tensors are faster that way).  Longer searches:
+CI runs ``MAX_EXAMPLES`` (50; ``TDD_FX_PROPERTY_EXAMPLES`` overrides it) examples, derandomized
+(the same examples on every run), in about 60-90 s on 2 CPU cores (on one torch thread: tiny
+tensors are faster that way); each example is a torch.export capture per mode, 20-40 times the
+cost of the pre-export engine's FX trace, which checked 1500 in the same time.  Longer searches:
 ``python benchmarks/search_false_rewrites.py --examples 2000``.  Per-check counts:
 ``pytest tests/test_property.py --hypothesis-show-statistics``.
 
@@ -28,6 +32,9 @@ remove its xfail mark and its KNOWN_BUGS entry.
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from strategies import Stats, build, check_example, check_model, examples, known_bug
@@ -35,8 +42,10 @@ from torch import nn
 
 import tdd_fx
 
-#: the number of generated models CI checks (about 0.05 s each on one thread: ~50-75 s in all)
-MAX_EXAMPLES = 1500
+#: the number of generated models CI checks.  On the torch.export engine an example costs about
+#: 1-2 s on one thread (the pre-export engine: 0.05 s), so CI checks 50 (~60-90 s) instead of
+#: 1500; ``TDD_FX_PROPERTY_EXAMPLES=1500`` (or benchmarks/search_false_rewrites.py) searches longer.
+MAX_EXAMPLES = int(os.environ.get("TDD_FX_PROPERTY_EXAMPLES", "50"))
 
 PROPERTY_SETTINGS = settings(
     max_examples=MAX_EXAMPLES,
@@ -83,13 +92,14 @@ def _run(model: nn.Module, x: torch.Tensor, seed: int = 1) -> torch.Tensor:
 
 
 def _same_or_guarded(model: nn.Module, opt: nn.Module, x: torch.Tensor) -> None:
-    """On an input the original accepts, the optimized model gives the same result, or its guard
-    says no (GuardError, or the documented fall back to the original module)."""
+    """On an input the original accepts, the optimized model gives the same result (from its
+    rewritten graph, or from the original forward it falls back to, with a warning, on a call
+    outside what the capture covered)."""
     expected = _run(model, x)
-    try:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "tdd_fx: .*running the original forward",
+                                RuntimeWarning)
         got = _run(opt, x)
-    except tdd_fx.GuardError:
-        return
     torch.testing.assert_close(got, expected)
 
 
@@ -238,7 +248,9 @@ class FoldWithoutDense(nn.Module):
 def test_regression_peephole_drops_reshape_relying_on_unguarded_literal():
     model = FoldWithoutDense()
     opt = tdd_fx.optimize(model, (torch.randn(3, 3),))
-    assert not opt.tdd_report.sites
+    assert not opt.tdd_report.rewritten  # no dense layer (the fold may be reported rejected)
+    assert all(site.reason for site in opt.tdd_report.sites)
+    assert tdd_fx.graphs(opt) == {}
     _same_or_guarded(model, opt, torch.randn(3, 5))
 
 

@@ -10,7 +10,6 @@ from zoo import NEGATIVE, POSITIVE, UNRELATED, Body, make_input
 import tdd_fx
 from tdd_fx.ops import time_distributed_dense
 
-
 aten = torch.ops.aten
 
 

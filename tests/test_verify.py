@@ -1,14 +1,17 @@
 """Verification and rollback: a rewrite that computes something else never survives.
 
-The rewrites are sabotaged from outside (a wrapper around ``tdd_fx.rewrite.emit_region`` or
-around the kernels of ``tdd_fx.ops.KERNELS``), for one site only, and the site must come back
-``rolled_back`` while the others stay ``rewritten`` and the model stays equivalent.
+Faults are injected through the public seam, ``optimize(..., families=[...])``: a wrapper family
+(:class:`Sabotaged`) returns its inner family's matches with one victim site's ``emit`` wrapped
+so that the canonical node's result (or its weight) is perturbed through the Rewriter.  The
+victim must come back ``rolled_back`` ("verification failed") while the others stay
+``rewritten`` and the model stays equivalent.
 """
 
 from __future__ import annotations
 
 import copy
-import operator
+import dataclasses
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -17,10 +20,25 @@ from conftest import assert_equivalent
 from torch import nn
 
 import tdd_fx
-import tdd_fx.ops
-import tdd_fx.patterns.reshape
-import tdd_fx.rewrite
-from tdd_fx.verify import Verdict, alternative_inputs, compare, fp64_reference, run, verify
+from tdd_fx.capture import capture, node_module_path
+from tdd_fx.families import FAMILIES, Context
+from tdd_fx.families.reshape import ReshapeFamily
+from tdd_fx.inputs import Example, leaf_names
+from tdd_fx.pipeline import alternative, build_program
+from tdd_fx.program import tree_flags
+from tdd_fx.rewrite import Rewriter
+from tdd_fx.verify import CEILING, Verdict, compare, fp64_reference, reference, run, verify
+
+aten = torch.ops.aten
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 # --------------------------------------------------------------------------------------------
 # models
@@ -90,41 +108,76 @@ def inp(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
+def ex(*tensors: torch.Tensor) -> Example:
+    return Example(tuple(tensors))
+
+
 # --------------------------------------------------------------------------------------------
-# sabotage helpers
+# sabotage through the families seam
+
+#: ``how(rw, node)``: perturb the canonical node ``node`` of a victim site in the Rewriter
+How = Callable[[Rewriter, fx.Node], None]
 
 
-def _targets(gm: fx.GraphModule, spec) -> set[str]:
-    names = {name for name, _ in spec}
-    return {str(n.target) for n in gm.graph.nodes if n.name in names and n.op == "call_module"}
+class Sabotaged:
+    """A family that finds what ``inner`` finds, with the emit of every proved match of module
+    ``victim`` wrapped: after the real emit, ``how`` perturbs each canonical node it made."""
+
+    def __init__(self, inner, victim: str | None, how: How) -> None:
+        self.inner = inner
+        self.pattern = inner.pattern
+        self.victim = victim  # None: every site
+        self.how = how
+        self.hits: list[str] = []
+
+    def find(self, ctx: Context) -> list:
+        out = []
+        for m in self.inner.find(ctx):
+            if m.proved and (self.victim is None or any(s.module == self.victim
+                                                        for s in m.sites)):
+                m = dataclasses.replace(m, emit=self._wrap(m.emit))
+            out.append(m)
+        return out
+
+    def _wrap(self, emit):
+        def sabotaged(rw: Rewriter) -> None:
+            before = dict(rw.sites)
+            emit(rw)
+            for site, node in list(rw.sites.items()):
+                if before.get(site) is not node:
+                    self.hits.append(site)
+                    self.how(rw, node)
+        return sabotaged
 
 
-def _install(monkeypatch, make_node, victim: str) -> list[str]:
-    """Wrap emit_region so that the region containing module ``victim`` gets ``make_node``
-    applied to its result (``make_node(graph, node) -> node``).  Returns a log of hits."""
-    real = tdd_fx.rewrite.emit_region
-    hits: list[str] = []
-
-    def sabotaged(gm, entry_name, spec, *args, **kwargs):
-        hit = victim in _targets(gm, spec)
-        out = real(gm, entry_name, spec, *args, **kwargs)
-        if not hit:
-            return out
-        hits.append(victim)
-        g = gm.graph
-        with g.inserting_after(out):
-            bad = make_node(g, out)
-        out.replace_all_uses_with(bad, delete_user_cb=lambda u: u is not bad)
-        return bad
-
-    monkeypatch.setattr(tdd_fx.rewrite, "emit_region", sabotaged)
-    # in case a family imported the name itself
-    monkeypatch.setattr(tdd_fx.patterns.reshape, "emit_region", sabotaged, raising=False)
-    return hits
+def families_with(sab: Sabotaged) -> list:
+    """The registered families, the sabotaged one in its inner family's place."""
+    return [sab if type(f) is type(sab.inner) else f for f in FAMILIES]
 
 
-def _scaled(g: fx.Graph, node: fx.Node) -> fx.Node:
-    return g.call_function(operator.mul, (node, 1.001))
+def _after(rw: Rewriter, node: fx.Node, target, *args) -> fx.Node:
+    """``target(node, *args)`` inserted right after ``node``, taking over its uses."""
+    bad = rw.call(target, (node, *args), before=node.next, like=node)
+    node.replace_all_uses_with(bad, delete_user_cb=lambda u: u is not bad)
+    return bad
+
+
+def shifted(delta: float) -> How:
+    """The result plus a constant (an ``aten.add``)."""
+    return lambda rw, node: _after(rw, node, aten.add.Tensor, delta)
+
+
+def scaled(factor: float) -> How:
+    """The result times a constant."""
+    return lambda rw, node: _after(rw, node, aten.mul.Tensor, factor)
+
+
+def weight_scaled(factor: float) -> How:
+    """The canonical node reads its weight times ``factor``."""
+    def how(rw: Rewriter, node: fx.Node) -> None:
+        w = rw.call(aten.mul.Tensor, (node.args[1], factor), before=node, like=node)
+        node.update_arg(1, w)
+    return how
 
 
 class _GradScale(torch.autograd.Function):
@@ -142,21 +195,28 @@ def grad_scaled(x: torch.Tensor) -> torch.Tensor:
     return _GradScale.apply(x)
 
 
-def wrong_at_other_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """Exact on the example's batch size, wrong on any other."""
-    return x if x.shape[0] == batch else x * 1.001
+def wrong_unless_numel(x: torch.Tensor, numel: int) -> torch.Tensor:
+    """Exact when ``x`` has ``numel`` elements (the example's), wrong otherwise."""
+    return x if x.numel() == numel else x * 1.001
+
+
+def explode(rw: Rewriter, node: fx.Node) -> None:
+    raise RuntimeError("sabotaged build")
 
 
 def canonical_count(gm: fx.GraphModule) -> int:
     return sum(1 for n in gm.graph.nodes if n.target is tdd_fx.time_distributed_dense)
 
 
-def calls_module(gm: fx.GraphModule, target: str) -> bool:
-    return any(n.op == "call_module" and n.target == target for n in gm.graph.nodes)
-
-
 def by_module(report: tdd_fx.Report) -> dict[str, tdd_fx.Site]:
     return {s.module: s for s in report.sites}
+
+
+def sabotage(model: nn.Module, inputs: tuple, victim: str | None, how: How):
+    sab = Sabotaged(ReshapeFamily(), victim, how)
+    opt = tdd_fx.optimize(model, inputs, families=families_with(sab))
+    assert sab.hits, "the sabotage never ran"
+    return opt, sab
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,51 +229,70 @@ def test_unsabotaged_baseline_rewrites_all_three():
     sites = by_module(opt.tdd_report)
     assert {m: s.status for m, s in sites.items()} == {
         "enc.module": "rewritten", "mid.module": "rewritten", "dec.module": "rewritten"}
-    assert canonical_count(opt) == 3
+    assert canonical_count(tdd_fx.graph_of(opt)) == 3
     assert opt.tdd_report.verified is True
 
 
-def test_wrong_numbers_at_one_site_are_rolled_back(monkeypatch):
+def test_wrapper_family_without_sabotage_changes_nothing():
+    """The seam itself: the wrapper with a no-op ``how`` gives what the registry gives."""
+    model = Three().eval()
+    opt, sab = sabotage(model, (inp(4, 5, 6),), None, lambda rw, node: None)
+    assert len(sab.hits) >= 3
+    assert [s.status for s in opt.tdd_report.sites] == ["rewritten"] * 3
+
+
+def test_wrong_numbers_at_one_site_are_rolled_back():
     model = Three().eval()
     inputs = (inp(4, 5, 6),)
-    hits = _install(monkeypatch, _scaled, "mid.module")
-    opt = tdd_fx.optimize(model, inputs)
-    assert hits, "the sabotage never ran"
+    opt, _ = sabotage(model, inputs, "mid.module", shifted(1e-3))
     sites = by_module(opt.tdd_report)
     assert sites["mid.module"].status == "rolled_back"
-    assert "verif" in sites["mid.module"].reason.lower()
+    assert "verification failed" in sites["mid.module"].reason
     assert sites["mid.module"].kernel == ""
     assert sites["enc.module"].status == "rewritten"
     assert sites["dec.module"].status == "rewritten"
     assert sites["enc.module"].reason == sites["dec.module"].reason == ""
     assert [s.module for s in opt.tdd_report.rolled_back] == ["mid.module"]
-    # what comes back is verified, the rolled-back site runs the original code
+    # what comes back is verified; the rolled-back site runs the original code
     assert opt.tdd_report.verified is True
-    assert canonical_count(opt) == 2
-    assert calls_module(opt, "mid.module")
+    graph = tdd_fx.graph_of(opt)
+    assert canonical_count(graph) == 2
+    assert not any(n.target is aten.add.Tensor and 1e-3 in n.args for n in graph.graph.nodes)
+    linears = [n for n in graph.graph.nodes if n.target is aten.linear.default]
+    assert [node_module_path(n) for n in linears] == ["mid.module"]  # the original op
     assert_equivalent(opt, model, inputs, rtol=0, atol=1e-6)
     assert_equivalent(opt, model, (inp(2, 9, 6, seed=3),), rtol=0, atol=1e-6)
     assert "rolled back" in str(opt.tdd_report)
 
 
 @pytest.mark.parametrize("victim", ["enc.module", "dec.module"])
-def test_rollback_of_first_or_last_site(monkeypatch, victim):
+def test_rollback_of_first_or_last_site(victim):
     model = Three().eval()
     inputs = (inp(4, 5, 6),)
-    _install(monkeypatch, _scaled, victim)
-    opt = tdd_fx.optimize(model, inputs)
+    opt, _ = sabotage(model, inputs, victim, scaled(1.001))
     statuses = {m: s.status for m, s in by_module(opt.tdd_report).items()}
     assert statuses.pop(victim) == "rolled_back"
     assert set(statuses.values()) == {"rewritten"}
-    assert canonical_count(opt) == 2
+    assert canonical_count(tdd_fx.graph_of(opt)) == 2
     assert_equivalent(opt, model, inputs, rtol=0, atol=1e-6)
 
 
-def test_wrong_gradient_alone_is_rolled_back(monkeypatch):
+def test_scaled_weight_is_rolled_back():
     model = Three().eval()
     inputs = (inp(4, 5, 6),)
-    _install(monkeypatch, lambda g, n: g.call_function(grad_scaled, (n,)), "mid.module")
-    opt = tdd_fx.optimize(model, inputs)
+    opt, _ = sabotage(model, inputs, "enc.module", weight_scaled(1.001))
+    sites = by_module(opt.tdd_report)
+    assert sites["enc.module"].status == "rolled_back"
+    assert "verification failed" in sites["enc.module"].reason
+    assert sites["mid.module"].status == sites["dec.module"].status == "rewritten"
+    assert_equivalent(opt, model, inputs, rtol=0, atol=1e-6)
+
+
+def test_wrong_gradient_alone_is_rolled_back():
+    model = Three().eval()
+    inputs = (inp(4, 5, 6),)
+    opt, _ = sabotage(model, inputs, "mid.module",
+                      lambda rw, node: _after(rw, node, grad_scaled))
     mid = by_module(opt.tdd_report)["mid.module"]
     assert mid.status == "rolled_back"
     assert "grad" in mid.reason
@@ -221,104 +300,202 @@ def test_wrong_gradient_alone_is_rolled_back(monkeypatch):
     assert_equivalent(opt, model, inputs, rtol=0, atol=1e-6)
 
 
-def test_wrong_only_at_other_batch_size_is_rolled_back(monkeypatch):
+def test_wrong_only_at_other_sizes_is_rolled_back():
     """Verification also runs inputs with other batch/time sizes."""
     model = Three().eval()
     inputs = (inp(4, 5, 6),)
-    _install(monkeypatch, lambda g, n: g.call_function(wrong_at_other_batch, (n, 4)), "dec.module")
-    opt = tdd_fx.optimize(model, inputs)
+    opt, _ = sabotage(model, inputs, "dec.module",
+                      lambda rw, node: _after(rw, node, wrong_unless_numel, 4 * 5 * 3))
     dec = by_module(opt.tdd_report)["dec.module"]
     assert dec.status == "rolled_back"
-    assert "verif" in dec.reason.lower()
+    assert "verification failed" in dec.reason
     assert len(opt.tdd_report.rewritten) == 2
     other = (inp(7, 2, 6, seed=4),)
     assert_equivalent(opt, model, other, rtol=0, atol=1e-6)
 
 
-def test_rewrite_that_raises_while_building_is_rolled_back(monkeypatch):
+def test_rewrite_that_raises_while_building_is_rolled_back():
     model = Three().eval()
     inputs = (inp(4, 5, 6),)
-
-    def explode(g, n):
-        raise RuntimeError("sabotaged build")
-
-    _install(monkeypatch, explode, "enc.module")
-    opt = tdd_fx.optimize(model, inputs)
+    opt, _ = sabotage(model, inputs, "enc.module", explode)
     sites = by_module(opt.tdd_report)
     assert sites["enc.module"].status == "rolled_back"
     assert "sabotaged build" in sites["enc.module"].reason
     assert sites["mid.module"].status == sites["dec.module"].status == "rewritten"
-    assert calls_module(opt, "enc.module")
+    assert canonical_count(tdd_fx.graph_of(opt)) == 2
     assert_equivalent(opt, model, inputs, rtol=0, atol=1e-6)
 
 
-def test_all_sites_wrong_gives_back_an_equivalent_model(monkeypatch):
+def test_all_sites_wrong_gives_back_an_equivalent_model():
     model = Three().eval()
     inputs = (inp(4, 5, 6),)
-    real = tdd_fx.rewrite.emit_region
-
-    def every(gm, entry_name, spec, *args, **kwargs):
-        out = real(gm, entry_name, spec, *args, **kwargs)
-        with gm.graph.inserting_after(out):
-            bad = gm.graph.call_function(operator.mul, (out, 1.01))
-        out.replace_all_uses_with(bad, delete_user_cb=lambda u: u is not bad)
-        return bad
-
-    monkeypatch.setattr(tdd_fx.rewrite, "emit_region", every)
-    monkeypatch.setattr(tdd_fx.patterns.reshape, "emit_region", every, raising=False)
-    opt = tdd_fx.optimize(model, inputs)
+    opt, _ = sabotage(model, inputs, None, scaled(1.01))
     assert opt.tdd_report.rewritten == []
     assert len(opt.tdd_report.rolled_back) == 3
-    assert canonical_count(opt) == 0
+    assert tdd_fx.graphs(opt) == {}  # nothing verified: the model's own code runs
     assert_equivalent(opt, model, inputs, rtol=0, atol=0)
     assert list(opt.state_dict()) == list(model.state_dict())
 
 
-def test_wrong_kernel_rolls_back_channel_first_site_only(monkeypatch):
-    """Sabotage every kernel for features off the last axis: the channel-first site (which uses
-    a kernel) is rolled back; the channel-last one is kept."""
-    for name, fn in list(tdd_fx.ops.KERNELS.items()):
-        def bad(x, w, b, d, fn=fn):
-            y = fn(x, w, b, d)
-            return y if d == x.dim() - 1 else y * 1.001
-        monkeypatch.setitem(tdd_fx.ops.KERNELS, name, bad)
+def test_channel_first_site_rolled_back_channel_last_kept():
     model = MixedLayout().eval()
     inputs = (inp(3, 6, 5),)
-    opt = tdd_fx.optimize(model, inputs)
+    opt, _ = sabotage(model, inputs, "cf", scaled(1.001))
     sites = by_module(opt.tdd_report)
     assert sites["cf"].status == "rolled_back", str(opt.tdd_report)
-    assert "verif" in sites["cf"].reason.lower()
+    assert "verification failed" in sites["cf"].reason
     assert sites["cl.module"].status == "rewritten"
     assert_equivalent(opt, model, inputs, rtol=0, atol=1e-6)
 
 
-def test_kernels_unsabotaged_mixed_layout_is_rewritten():
+def test_mixed_layout_unsabotaged_is_rewritten():
     model = MixedLayout().eval()
     inputs = (inp(3, 6, 5),)
     opt = tdd_fx.optimize(model, inputs)
     sites = by_module(opt.tdd_report)
     assert sites["cf"].status == "rewritten"
-    assert sites["cf"].feature_dim == 1
+    assert sites["cf"].kernel != "linear"  # the transposes became the node's feature_dim
     assert sites["cl.module"].status == "rewritten"
+    dims = sorted(n.kwargs["feature_dim"] for n in tdd_fx.graph_of(opt).graph.nodes
+                  if n.target is tdd_fx.time_distributed_dense)
+    assert dims == [-1, 1]
     assert_equivalent(opt, model, inputs)
+
+
+@pytest.mark.xfail(strict=True, reason="engine bug: the report keeps the match's feature_dim "
+                   "(-1) and in_shape (the transposed view) after the clean-up folded the "
+                   "transposes into feature_dim=1 (its kernel 'conv' is the folded node's)")
+def test_report_of_a_folded_channel_first_site_names_the_feature_axis():
+    model = MixedLayout().eval()
+    site = by_module(tdd_fx.optimize(model, (inp(3, 6, 5),)).tdd_report)["cf"]
+    assert (site.feature_dim, site.kernel) == (1, "conv")
+
+
+# --------------------------------------------------------------------------------------------
+# random ops and the tolerance ceiling
+
+
+class Noisy(nn.Module):
+    """A site followed by random ops: Gaussian noise (randn_like) and train-mode dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.td = Wrap(nn.Linear(6, 8))
+        self.drop = nn.Dropout(0.3)
+        self.out = Wrap(nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.td(x)
+        h = h + 0.5 * torch.randn_like(h)
+        return self.out(self.drop(swish(h)))
+
+
+def test_random_ops_are_verified_with_a_tiny_error():
+    """The float64 reference replays the same random numbers (same masks, same noise), so the
+    reported error is rounding only."""
+    model = Noisy().train()
+    inputs = (inp(4, 5, 6),)
+    opt = tdd_fx.optimize(model, inputs)
+    report = opt.tdd_report
+    assert [s.status for s in report.sites] == ["rewritten", "rewritten"], str(report)
+    assert report.verified is True
+    assert report.max_error < 1e-5, report.max_error
+    torch.manual_seed(11)
+    a = opt(*inputs)
+    torch.manual_seed(11)
+    torch.testing.assert_close(a, model(*inputs))  # same random numbers as the original
+
+
+def test_run_in_float64_replays_the_random_numbers():
+    model = Noisy().train()
+    e = ex(inp(4, 5, 6))
+    own = run(model, e)
+    wide = run(fp64_reference(model), e, to64=True)
+    assert own.keys() == wide.keys()
+    for k in own:
+        if own[k] is not None:
+            err = float((own[k].double() - wide[k]).abs().max())
+            assert err < 1e-4 * max(1.0, float(wide[k].abs().max())), (k, err)
+
+
+class Cancelling(nn.Module):
+    """The original loses digits after its site: ``(h + 2e6) - 2e6`` in float32 is off by
+    a few percent (relative) against float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.td = Wrap(nn.Linear(6, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.td(x)
+        return (h + 2e6) - 2e6
+
+
+def test_one_percent_error_is_rejected_even_when_the_original_is_inaccurate():
+    """4x the original's own error would admit a 1% error here; the ceiling does not."""
+    model = Cancelling().eval()
+    inputs = (inp(4, 5, 6),)
+    e = ex(*inputs)
+    ref = reference(model, [e], fp64_reference(model))
+    own = ref.orig[0]["output[0]"].double()
+    r64 = ref.ref64[0]["output[0]"]
+    e_orig = float((own - r64).abs().max() / r64.abs().max())
+    assert 4 * e_orig > 1e-2 > CEILING  # without the ceiling, 1% would pass
+    opt, _ = sabotage(model, inputs, "td.module", scaled(1.01))
+    site = by_module(opt.tdd_report)["td.module"]
+    assert site.status == "rolled_back", str(opt.tdd_report)
+    # (the reason should be "verification failed"; today even the unrewritten graph fails the
+    # ceiling here: see the xfail test below)
+    assert opt.tdd_report.rewritten == []
+    assert_equivalent(opt, model, inputs, rtol=0, atol=0)
+
+
+@pytest.mark.xfail(strict=True, reason="engine bug: compare() caps the tolerance at CEILING "
+                   "even below the original's own error, so a rewrite exactly as accurate as "
+                   "the original is rejected when the original is off by more than 1e-3")
+def test_a_rewrite_as_accurate_as_an_inaccurate_original_is_kept():
+    model = Cancelling().eval()
+    inputs = (inp(4, 5, 6),)
+    opt = tdd_fx.optimize(model, inputs)
+    assert [s.status for s in opt.tdd_report.sites] == ["rewritten"], str(opt.tdd_report)
+
+
+@pytest.mark.xfail(strict=True, reason="engine bug: compare() rejects a candidate identical to "
+                   "the original when the original's own error exceeds CEILING (the docstring: "
+                   "'may not be noticeably less accurate than the code it replaced')")
+def test_compare_accepts_a_candidate_identical_to_an_inaccurate_original():
+    r = torch.tensor([1.0, 0.5, -1.0, 0.75], dtype=torch.float64)
+    orig = r.clone()
+    orig[0] += 5e-3
+    assert compare({"o": orig.float()}, {"o": orig.float()}, {"o": r}).ok
+
+
+def test_compare_ceiling_rejects_one_percent_whatever_the_originals_error():
+    r = torch.tensor([1.0, 0.5, -1.0, 0.75], dtype=torch.float64)
+    orig = r.clone()
+    orig[0] += 5e-3  # the original is off by 0.5%: 4x that would admit 2%
+    bad = orig.clone()
+    bad[2] += 1e-2
+    v = compare({"o": orig.float()}, {"o": bad.float()}, {"o": r})
+    assert not v.ok
+    assert v.detail.startswith("o: error 1.00e-02")
 
 
 # --------------------------------------------------------------------------------------------
 # verification leaves no trace
 
 
-def test_rollback_in_train_mode_leaves_bn_stats_and_rng(monkeypatch):
+def test_rollback_in_train_mode_leaves_bn_stats_and_rng():
     torch.manual_seed(0)
     model = BNTrain().train()
     with torch.no_grad():
         model(inp(2, 3, 6, seed=8))
     stats = {n: b.clone() for n, b in model.named_buffers()}
     flags = {n: m.training for n, m in model.named_modules()}
-    _install(monkeypatch, _scaled, "fc2")
     rng = torch.get_rng_state()
-    opt = tdd_fx.optimize(model, (inp(4, 5, 6),))
+    opt, _ = sabotage(model, (inp(4, 5, 6),), "other.module", scaled(1.001))
     assert torch.equal(torch.get_rng_state(), rng)
-    assert by_module(opt.tdd_report)["fc2"].status == "rolled_back"
+    assert by_module(opt.tdd_report)["other.module"].status == "rolled_back"
     for n, b in model.named_buffers():
         torch.testing.assert_close(b, stats[n], rtol=0, atol=0, msg=n)
     assert int(model.bn.num_batches_tracked) == 1
@@ -331,10 +508,11 @@ def test_verify_directly_changes_nothing_and_passes_on_a_copy():
     cand = copy.deepcopy(model)
     stats = {n: b.clone() for n, b in (*model.named_buffers(), *cand.named_buffers())}
     rng = torch.get_rng_state()
-    sets = [(inp(4, 5, 6),), (inp(2, 7, 6, seed=1),)]
+    sets = [ex(inp(4, 5, 6)), ex(inp(2, 7, 6, seed=1))]
     v = verify(model, cand, sets, fp64_reference(model))
     assert v.ok, v.detail
     assert v.checked > 0
+    assert v.max_error < 1e-5  # dropout masks replayed in the float64 reference
     assert torch.equal(torch.get_rng_state(), rng)
     for n, b in (*model.named_buffers(), *cand.named_buffers()):
         torch.testing.assert_close(b, stats[n], rtol=0, atol=0)
@@ -347,34 +525,52 @@ def test_verify_fails_on_a_perturbed_copy_and_says_where():
     cand = copy.deepcopy(model)
     with torch.no_grad():
         cand.fc2.bias.add_(1e-3)
-    v = verify(model, cand, [(inp(4, 5, 6),)], fp64_reference(model))
+    v = verify(model, cand, [ex(inp(4, 5, 6))], fp64_reference(model))
     assert not v.ok
     assert "output[0]" in v.detail or "grad" in v.detail
-    assert "4x5x6" in v.detail
+    assert "(4, 5, 6)" in v.detail  # the input set it failed on
 
 
-def test_verify_checks_the_other_mode_too():
-    """A candidate that is right in eval mode but not in train mode fails (train-mode model,
-    eval-mode check; and the reverse)."""
+def test_verify_checks_the_current_mode():
+    """A candidate that is right in eval mode but not in train mode passes in eval mode and
+    fails in train mode (the pipeline verifies each captured mode separately)."""
     model = BNTrain().eval()
     cand = copy.deepcopy(model)
     cand.drop.p = 0.5  # identical in eval mode, different in train mode
-    sets = [(inp(4, 5, 6),)]
-    v = verify(model, cand, sets, None)
-    assert not v.ok
-    assert "train" in v.detail
+    sets = [ex(inp(4, 5, 6))]
+    assert verify(model, cand, sets, None).ok
     model.train()
     cand.train()
-    v = verify(model, cand, sets, None)
-    assert not v.ok
+    assert not verify(model, cand, sets, None).ok
+
+
+def test_verify_uses_a_precomputed_reference():
+    model = BNTrain().eval()
+    sets = [ex(inp(4, 5, 6)), ex(inp(2, 3, 6, seed=2))]
+    ref = reference(model, sets, fp64_reference(model))
+    assert len(ref.orig) == len(ref.ref64) == 2 and not ref.failure
+    assert verify(model, copy.deepcopy(model), [], None, ref).ok  # the sets come from ref
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.fc1.weight.mul_(1.01)
+    assert not verify(model, broken, [], None, ref).ok
+
+
+def test_reference_records_a_failing_original():
+    model = BNTrain().eval()
+    ref = reference(model, [ex(inp(4, 5, 7))], None)  # wrong feature size
+    assert ref.orig == [None]
+    assert ref.failure.startswith("the original fails")
+    v = verify(model, model, [], None, ref)
+    assert not v.ok and "the original fails" in v.detail
 
 
 def test_run_is_deterministic_and_restores_state():
     torch.manual_seed(0)
     model = BNTrain().train()
     before = {n: b.clone() for n, b in model.named_buffers()}
-    a = run(model, (inp(4, 5, 6),))
-    b = run(model, (inp(4, 5, 6),))
+    a = run(model, ex(inp(4, 5, 6)))
+    b = run(model, ex(inp(4, 5, 6)))
     assert a.keys() == b.keys()
     assert "output[0]" in a and "grad fc1.weight" in a and "grad input[0]" in a
     for k in a:
@@ -382,6 +578,129 @@ def test_run_is_deterministic_and_restores_state():
     for n, buf in model.named_buffers():
         torch.testing.assert_close(buf, before[n], rtol=0, atol=0)
     assert model.fc1.weight.grad is None
+
+
+def test_run_takes_keyword_inputs():
+    model = TwoInputs()
+    series = inp(4, 5, 6)
+    cat = torch.randint(0, 10, (4, 5), generator=torch.Generator().manual_seed(0))
+    out = run(model, Example((series,), {"cat": cat}))
+    torch.testing.assert_close(out["output[0]"], model(series, cat=cat))
+    assert "grad input[0]" in out and "grad input[1]" not in out  # integers get no gradient
+
+
+# --------------------------------------------------------------------------------------------
+# the second input set (pipeline.alternative)
+
+
+class ChannelFirst(nn.Module):
+    """(B, F=6, T) through a pointwise Conv1d: the feature axis (1) cannot change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, series: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
+        return self.fc(series + self.emb(cat))
+
+
+class Literal(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.view(40, 16)).view(4, 10, 8)
+
+
+def alternative_of(model: nn.Module, e: Example, keep_axes=()) -> tuple[Example | None, list]:
+    """The second input set the pipeline would use (``keep_axes``: (leaf, axis) whose size a
+    rewrite fixed), and the capture's size expressions per leaf."""
+    cap = capture(model, e, None)
+    program, _ = build_program(cap, [], leaf_names(e), tree_flags(model))
+    sizes = [leaf[2] for leaf in cap.leaves]
+    keep = {sizes[i][d] for i, d in keep_axes}
+    return alternative(model, e, program, keep), sizes
+
+
+def test_alternative_changes_batch_and_time_channel_last():
+    model = Three().eval()
+    x = inp(4, 5, 6)
+    alt, _ = alternative_of(model, ex(x))
+    assert alt is not None and len(alt.args) == 1
+    (y,) = alt.args
+    assert y.shape[0] != 4 and y.shape[1] != 5 and y.shape[2] == 6
+    assert y.dtype == x.dtype
+    alt.call(model)  # accepted
+
+
+def test_alternative_keeps_the_sizes_a_rewrite_fixed():
+    model = Three().eval()
+    alt, _ = alternative_of(model, ex(inp(4, 5, 6)), [(0, 1)])
+    assert alt is not None
+    assert alt.args[0].shape[1] == 5 and alt.args[0].shape[0] != 4
+    alt, _ = alternative_of(model, ex(inp(4, 5, 6)), [(0, 0)])
+    assert alt is not None
+    assert alt.args[0].shape[0] == 4 and alt.args[0].shape[1] != 5
+
+
+def test_alternative_channel_first_keeps_the_feature_axis():
+    model = ChannelFirst()
+    alt, _ = alternative_of(model, ex(inp(3, 6, 5)))
+    assert alt is not None
+    assert alt.args[0].shape[1] == 6
+    assert alt.args[0].shape[0] != 3 and alt.args[0].shape[2] != 5
+    alt.call(model)
+
+
+def test_alternative_several_inputs_consistent_and_in_range():
+    model = TwoInputs()
+    series = inp(4, 5, 6)
+    cat = torch.randint(0, 10, (4, 5), generator=torch.Generator().manual_seed(0))
+    alt, _ = alternative_of(model, Example((series,), {"cat": cat}))
+    assert alt is not None
+    (s,), c = alt.args, alt.kwargs["cat"]
+    assert s.shape[:2] == c.shape and s.shape[:2] != (4, 5)
+    assert c.dtype == torch.int64 and int(c.min()) >= 0 and int(c.max()) <= 9
+    alt.call(model)
+
+
+def test_alternative_none_when_no_other_size_is_accepted():
+    """``view(40, 16)``: export keeps B and T symbolic under ``B * T == 40``, but no other
+    sizes are accepted (the model itself refuses them)."""
+    alt, _ = alternative_of(Literal(), ex(inp(4, 10, 16)))
+    assert alt is None
+
+
+def test_alternative_does_not_touch_the_model_state():
+    torch.manual_seed(0)
+    model = BNTrain().train()
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    rng = torch.get_rng_state()
+    alt, _ = alternative_of(model, ex(inp(4, 5, 6)))
+    assert alt is not None
+    assert torch.equal(torch.get_rng_state(), rng)
+    for n, b in model.named_buffers():
+        torch.testing.assert_close(b, before[n], rtol=0, atol=0)
+
+
+def test_optimize_notes_when_no_second_input_set_is_accepted():
+    model = Literal().eval()
+    opt = tdd_fx.optimize(model, (inp(4, 10, 16),))
+    notes = " ".join(opt.tdd_report.notes)
+    assert "example inputs only" in notes
+    assert opt.tdd_report.verified is True
+    assert_equivalent(opt, model, (inp(4, 10, 16, seed=2),))
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,9 +735,9 @@ def test_compare_floor_is_64_eps_times_scale():
 
 def test_compare_allows_a_small_multiple_of_the_originals_own_error():
     r = _ref(1.0, 0.5, -1.0, 0.75)
-    e = 1e-3
+    e = 1e-4  # (below the ceiling: see the ceiling tests)
     orig = r.clone()
-    orig[0] += e  # the original itself is off by 1e-3 against float64
+    orig[0] += e  # the original itself is off by 1e-4 against float64
     ref = {"g": r}
     ok = r.clone()
     ok[2] -= 3 * e  # 3x the original's error: fine
@@ -479,101 +798,3 @@ def test_compare_missing_gradient_only_ok_when_zero():
     assert isinstance(compare({"grad b": None}, {"grad b": None}, None), Verdict)
 
 
-# --------------------------------------------------------------------------------------------
-# alternative_inputs
-
-
-class ChannelFirst(nn.Module):
-    """(B, F=6, T) through a pointwise Conv1d: the feature axis (1) cannot change."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv1d(6, 4, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
-class TwoInputs(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(10, 6)
-        self.fc = nn.Linear(6, 3)
-
-    def forward(self, series: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
-        return self.fc(series + self.emb(cat))
-
-
-class Literal(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(16, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.view(40, 16)).view(4, 10, 8)
-
-
-def test_alternative_inputs_change_batch_and_time_channel_last():
-    model = Three().eval()
-    x = inp(4, 5, 6)
-    alt = alternative_inputs(model, (x,), set())
-    assert alt is not None and len(alt) == 1
-    (y,) = alt
-    assert y.shape[0] != 4 and y.shape[1] != 5 and y.shape[2] == 6
-    assert y.dtype == x.dtype
-    model(*alt)  # accepted
-
-
-def test_alternative_inputs_keep_guarded_dims():
-    model = Three().eval()
-    alt = alternative_inputs(model, (inp(4, 5, 6),), {(0, 1)})
-    assert alt is not None
-    assert alt[0].shape[1] == 5 and alt[0].shape[0] != 4 and alt[0].shape[2] == 6
-    alt = alternative_inputs(model, (inp(4, 5, 6),), {(0, 0)})
-    assert alt is not None
-    assert alt[0].shape[0] == 4 and alt[0].shape[1] != 5
-
-
-def test_alternative_inputs_channel_first_keep_feature_axis():
-    model = ChannelFirst()
-    alt = alternative_inputs(model, (inp(3, 6, 5),), set())
-    assert alt is not None
-    assert alt[0].shape[1] == 6
-    assert alt[0].shape[0] != 3 and alt[0].shape[2] != 5
-    model(*alt)
-
-
-def test_alternative_inputs_several_inputs_consistent_and_in_range():
-    model = TwoInputs()
-    series = inp(4, 5, 6)
-    cat = torch.randint(0, 10, (4, 5), generator=torch.Generator().manual_seed(0))
-    alt = alternative_inputs(model, (series, cat), set())
-    assert alt is not None
-    s, c = alt
-    assert s.shape[:2] == c.shape and s.shape[:2] != (4, 5)
-    assert c.dtype == torch.int64 and int(c.min()) >= 0 and int(c.max()) <= 9
-    model(s, c)
-
-
-def test_alternative_inputs_none_when_nothing_else_is_accepted():
-    assert alternative_inputs(Literal(), (inp(4, 10, 16),), set()) is None
-
-
-def test_alternative_inputs_do_not_touch_the_model_state():
-    torch.manual_seed(0)
-    model = BNTrain().train()
-    before = {n: b.clone() for n, b in model.named_buffers()}
-    rng = torch.get_rng_state()
-    assert alternative_inputs(model, (inp(4, 5, 6),), set()) is not None
-    assert torch.equal(torch.get_rng_state(), rng)
-    for n, b in model.named_buffers():
-        torch.testing.assert_close(b, before[n], rtol=0, atol=0)
-
-
-def test_optimize_notes_when_no_second_input_set_is_accepted():
-    model = Literal().eval()
-    opt = tdd_fx.optimize(model, (inp(4, 10, 16),))
-    notes = " ".join(opt.tdd_report.notes)
-    assert "example inputs only" in notes
-    assert opt.tdd_report.verified is True
-    assert_equivalent(opt, model, (inp(4, 10, 16, seed=2),))

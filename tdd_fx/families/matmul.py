@@ -31,6 +31,10 @@ a parameter or a view of one), einsums that reorder or sum over the input's axes
 contract exactly one of them with the weight, a broadcasting contracted axis, ``baddbmm`` with
 ``beta`` or ``alpha`` other than 1.
 
+The kernel is ``ops.choose_kernel``'s, except in a graph with random ops: there it is one whose
+output has the product's memory layout where one does (``linear_t`` for a channel-first einsum,
+whose result is strided), since dropout draws one number per element in memory order.
+
 Folded forms (``addmm(b, x.view(-1, F), W)`` and the unfold, GPT-2's ``Conv1D``) belong to the
 reshape family, which runs first: its nodes are claimed and skipped here.
 """
@@ -46,7 +50,7 @@ import torch
 import torch.fx as fx
 
 from .. import ops
-from ..optables import PERMUTES, PRODUCTS, RESHAPES, is_op
+from ..optables import ANY_RANDOM, PERMUTES, PRODUCTS, RESHAPES, is_op
 from .base import Context, Match, example_shape, first_failure, rejected, same, same_shape
 
 aten = torch.ops.aten
@@ -59,6 +63,11 @@ FROM_PARAMS = ("the weight is computed in forward (from parameters or constants)
 _MIRROR = {aten.matmul.default: "matmul", aten.bmm.default: "baddbmm",
            aten.baddbmm.default: "baddbmm"}
 
+#: kernels whose output is not row-major (features innermost, then moved back)
+_TRANSPOSING = frozenset({"linear_t", "linear_tc"})
+_DROPOUTS = frozenset({aten.dropout.default, aten.alpha_dropout.default,
+                       aten.feature_dropout.default, aten.feature_alpha_dropout.default,
+                       aten.native_dropout.default})
 _VECTOR_VIEWS = RESHAPES | {aten.unsqueeze.default}
 Where = tuple[int, "int | None"]  # an argument of a node: (index, index in a list argument)
 
@@ -359,10 +368,36 @@ def _emit(plan: Plan) -> Callable[[Any], None]:
     return emit
 
 
-def _plan(p: Product, ctx: Context) -> Plan:
+def _draws(n: fx.Node) -> bool:
+    """``n`` draws random numbers (a dropout with its ``train`` flag False, as an eval-mode
+    capture records it, does not)."""
+    if not is_op(n, ANY_RANDOM):
+        return False
+    return not (n.target in _DROPOUTS and len(n.args) > 2 and n.args[2] is False)
+
+
+def _same_layout(p: Product, ctx: Context, kernel: str) -> str:
+    """A kernel whose output is laid out in memory as the product's is (a channel-first einsum's
+    output is strided): a random op after it draws one number per element in memory order."""
+    val = ctx.val(p.node)
+    shape, strides = example_shape(val.shape), example_shape(val.stride())
+    assert shape is not None and strides is not None
+    axes = [i for i, size in enumerate(shape) if size != 1]
+    order = sorted(axes, key=lambda i: -strides[i])  # outermost first
+    d = p.fd % len(shape)
+    if order == axes:  # row-major: every kernel but the transposing ones
+        return "matmul" if kernel in _TRANSPOSING and d != len(shape) - 1 else kernel
+    if d in axes and order == [i for i in axes if i != d] + [d]:
+        return "linear_t"  # features innermost, as F.linear leaves them before moving back
+    return kernel
+
+
+def _plan(p: Product, ctx: Context, random: bool) -> Plan:
     v = ctx.val(p.x)
     kernel = ops.choose_kernel(p.fd, v.dim(), v.device, prefer=_MIRROR.get(p.node.target),
                                dtype=v.dtype)
+    if random:
+        kernel = _same_layout(p, ctx, kernel)
     plan = Plan(p.node.name, p.x_at, p.weight.name, p.in_out, p.fd, kernel)
     if p.added is not None:
         plan.term, plan.fuse = 0, _per_feature(p.added, p, ctx)
@@ -371,7 +406,7 @@ def _plan(p: Product, ctx: Context) -> Plan:
     return plan
 
 
-def _match(node: fx.Node, ctx: Context, live: set[fx.Node]) -> Match | None:
+def _match(node: fx.Node, ctx: Context, live: set[fx.Node], random: bool) -> Match | None:
     got = _PARSERS[node.target](node, ctx, live)
     if got is None:
         return None
@@ -380,7 +415,7 @@ def _match(node: fx.Node, ctx: Context, live: set[fx.Node]) -> Match | None:
     reason = first_failure(lambda: _contracted_size(got, ctx), lambda: _unscaled(got))
     if reason:
         return rejected(ctx, PATTERN, node, got.x, node, reason, [node])
-    plan = _plan(got, ctx)
+    plan = _plan(got, ctx, random)
     rank = ctx.rank(got.x) or 1
     site = ctx.site(PATTERN, "found", node, got.x, node, fd=got.fd % rank, kernel=plan.kernel)
     names = [node.name] + ([plan.add] if plan.add else [])
@@ -394,11 +429,12 @@ class MatmulFamily:
 
     def find(self, ctx: Context) -> list[Match]:
         live = _input_dependent(ctx)
+        random = any(_draws(n) for n in ctx.graph.nodes)
         out: list[Match] = []
         for node in ctx.graph.nodes:
             if not is_op(node, PRODUCTS) or node.name in ctx.claimed or ctx.canonical(node):
                 continue
-            m = _match(node, ctx, live)
+            m = _match(node, ctx, live, random)
             if m is not None:
                 out.append(m)
         return out

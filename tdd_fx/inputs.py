@@ -130,29 +130,6 @@ def leaf_names(example: Example) -> list[str]:
     return [_path_name(p) for p, _ in leaves]
 
 
-def resized(example: Example, dims: dict[int, set[int]], seed: int = SEED) -> Example | None:
-    """The example with other sizes on the given axes of each tensor leaf (``dims``: leaf index
-    -> axes), random data of the same statistics, finite whatever the example held."""
-    g = torch.Generator().manual_seed(seed)
-    grown: dict[int, int] = {}
-    changed = False
-    leaves, spec = pytree.tree_flatten((example.args, example.kwargs))
-    out = []
-    for i, x in enumerate(leaves):
-        if isinstance(x, Tensor) and i in dims:
-            shape = list(x.shape)
-            for d in sorted(dims[i]):
-                if d < x.dim():
-                    shape[d] = grown.setdefault(shape[d], shape[d] + 3)
-                    changed = True
-            x = like(x, shape, g)
-        out.append(x)
-    if not changed:
-        return None
-    args, kwargs = pytree.tree_unflatten(out, spec)
-    return Example(tuple(args), dict(kwargs))
-
-
 def resized_to(example: Example, sizes: dict[tuple[int, int], int], seed: int = SEED) -> Example:
     """The example with the given (leaf, axis) -> size, random data of the same statistics."""
     g = torch.Generator().manual_seed(seed)

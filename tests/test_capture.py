@@ -244,10 +244,6 @@ def test_varargs_forward_is_rewritten() -> None:
     torch.testing.assert_close(_fallback_call(opt, *c, match="structure differs"), model(*c))
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: pipeline.alternative() resizes every "
-                   "symbolic axis by old size, so the derived size 16 - s of the second vararg "
-                   "grows with the first; no second input set is found and the rewrite is "
-                   "verified on the example only")
 def test_varargs_rewrite_is_verified_on_other_sizes() -> None:
     model = VarArgs()
     opt = tdd_fx.optimize(model, (torch.randn(4, 5, 8), torch.randn(4, 5, 8)))

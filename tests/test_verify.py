@@ -362,9 +362,6 @@ def test_mixed_layout_unsabotaged_is_rewritten():
     assert_equivalent(opt, model, inputs)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: the report keeps the match's feature_dim "
-                   "(-1) and in_shape (the transposed view) after the clean-up folded the "
-                   "transposes into feature_dim=1 (its kernel 'conv' is the folded node's)")
 def test_report_of_a_folded_channel_first_site_names_the_feature_axis():
     model = MixedLayout().eval()
     site = by_module(tdd_fx.optimize(model, (inp(3, 6, 5),)).tdd_report)["cf"]
@@ -444,15 +441,11 @@ def test_one_percent_error_is_rejected_even_when_the_original_is_inaccurate():
     opt, _ = sabotage(model, inputs, "td.module", scaled(1.01))
     site = by_module(opt.tdd_report)["td.module"]
     assert site.status == "rolled_back", str(opt.tdd_report)
-    # (the reason should be "verification failed"; today even the unrewritten graph fails the
-    # ceiling here: see the xfail test below)
+    assert site.reason.startswith("verification failed"), site.reason
     assert opt.tdd_report.rewritten == []
     assert_equivalent(opt, model, inputs, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: compare() caps the tolerance at CEILING "
-                   "even below the original's own error, so a rewrite exactly as accurate as "
-                   "the original is rejected when the original is off by more than 1e-3")
 def test_a_rewrite_as_accurate_as_an_inaccurate_original_is_kept():
     model = Cancelling().eval()
     inputs = (inp(4, 5, 6),)
@@ -460,9 +453,6 @@ def test_a_rewrite_as_accurate_as_an_inaccurate_original_is_kept():
     assert [s.status for s in opt.tdd_report.sites] == ["rewritten"], str(opt.tdd_report)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: compare() rejects a candidate identical to "
-                   "the original when the original's own error exceeds CEILING (the docstring: "
-                   "'may not be noticeably less accurate than the code it replaced')")
 def test_compare_accepts_a_candidate_identical_to_an_inaccurate_original():
     r = torch.tensor([1.0, 0.5, -1.0, 0.75], dtype=torch.float64)
     orig = r.clone()

@@ -54,9 +54,10 @@ def _prepare(model: Any, example_inputs: Any, example_kwargs: Any) -> Example | 
 
 def _run(model: nn.Module, example: Example, report: Report, optimize: bool,
          families: Sequence[Family] | None) -> list[pl.Part]:
-    parts = pl.plan(model, example, report.notes)
+    families = FAMILIES if families is None else families
+    parts = pl.plan(model, example, report.notes, families)
     for part in parts:
-        pl.run_part(part, optimize, FAMILIES if families is None else families)
+        pl.run_part(part, optimize, families)
         prefix = f"{part.path}: " if part.path else ""
         for training, why in part.failures.items():
             report.notes.append(f"{prefix}not captured in {pl._mode(training)} mode ({why}); "

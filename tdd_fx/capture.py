@@ -269,8 +269,9 @@ def user_location(text: str | None) -> str:
 
 def from_tdd(node: fx.Node) -> bool:
     """The node was recorded inside tdd_fx's own code (an already-canonical node re-captured)."""
-    text = node.meta.get("stack_trace") or ""
-    return os.path.join(_PKG_DIR, "ops.py") in text
+    text = (node.meta.get("stack_trace") or "").rstrip()
+    last = text.rsplit("\n", 1)[-1]
+    return "time_distributed_dense(" in last or os.path.join(_PKG_DIR, "ops.py") in text
 
 
 @functools.lru_cache(maxsize=1024)

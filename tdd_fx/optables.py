@@ -112,6 +112,21 @@ DROPOUTS = frozenset({aten.dropout.default, aten.alpha_dropout.default,
                       aten.feature_dropout.default, aten.feature_alpha_dropout.default})
 
 
+def _in_place_variants(ops: frozenset[Any]) -> dict[Any, Any]:
+    """``aten.relu_.default -> aten.relu.default`` for the ops that have an in-place twin."""
+    out = {}
+    for op in ops:
+        packet = getattr(aten, op._opname + "_", None)
+        twin = getattr(packet, op._overloadname, None) if packet is not None else None
+        if twin is not None:
+            out[twin] = op
+    return out
+
+
+#: in-place twins of the elementwise maps (``relu_``, ``mul_``) -> the functional op
+IN_PLACE_OF = _in_place_variants(UNARY | BINARY)
+
+
 def is_op(node: Any, ops: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in ops
 

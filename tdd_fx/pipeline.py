@@ -29,10 +29,6 @@ from .program import Program, install, tree_flags
 from .report import Report, Site
 from .verify import Reference, Verdict, fp64_reference, reference, verify
 
-#: standard layers worth capturing on their own when their parent cannot be captured
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-           nn.ConvTranspose3d)
-
 
 # --- find ------------------------------------------------------------------------------------
 def find(captured: Captured, families: Sequence[Family] = FAMILIES) -> tuple[list[Match], list[str]]:
@@ -297,9 +293,12 @@ def run_part(part: Part, optimize: bool, families: Sequence[Family] = FAMILIES) 
 
 
 # --- plan: whole model, or its exportable subtrees ---------------------------------------------
-def plan(model: nn.Module, example: Example, notes: list[str]) -> list[Part]:
+def plan(model: nn.Module, example: Example, notes: list[str],
+         families: Sequence[Family] = FAMILIES) -> list[Part]:
     """The model itself when it exports in its current mode; otherwise the largest exportable
-    subtrees, each with the inputs it received on the example (containers are looked inside)."""
+    subtrees, each with the inputs it received on the example (containers are looked inside;
+    a standard layer is captured alone only when a family declares it in ``layers``)."""
+    layers = tuple(t for f in families for t in getattr(f, "layers", ()))
     whole = Part("", model, example)
     try:
         whole.first = capture(model, example, None)
@@ -317,7 +316,7 @@ def plan(model: nn.Module, example: Example, notes: list[str]) -> list[Part]:
                     visit(child, path + ".")  # a container: its children are called
                 continue
             sub = calls[path]
-            if _is_standard(child) and not isinstance(child, _LAYERS):
+            if _is_standard(child) and not isinstance(child, layers):
                 if any(p.startswith(path + ".") for p in calls):
                     visit(child, path + ".")  # a standard container (Sequential): look inside
                 continue

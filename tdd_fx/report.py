@@ -7,7 +7,8 @@ from typing import Any, Literal
 
 from tabulate import tabulate
 
-Pattern = Literal["reshape", "conv", "loop", "matmul"]
+#: the family names in use ("reshape", "conv", "loop", "matmul"); a new family brings its own
+Pattern = str
 Status = Literal["rewritten", "found", "rolled_back", "rejected"]
 
 

@@ -114,7 +114,9 @@ def run(model: nn.Module, example: Example, to64: bool = False) -> dict[str, Ten
     """Outputs and gradients (parameters and floating inputs, for a fixed random cotangent)."""
     ex, xs = _cast(example, to64)
     replay = ReplayRandom(_own_dtype(model, example)) if to64 else contextlib.nullcontext()
-    with preserved([model]):  # backward inside: restoring buffers bumps their versions
+    with preserved([model]), warnings.catch_warnings():  # backward inside: restoring buffers
+        if to64:  # bumps their versions; a float64 copy of an optimized model runs its original
+            warnings.simplefilter("ignore", RuntimeWarning)  # code: our run, not the user's
         torch.manual_seed(SEED)
         with torch.enable_grad(), replay:
             out = ex.call(model)

@@ -601,10 +601,7 @@ class MutateSourceAfterFold(nn.Module):
 
 @pytest.mark.parametrize("factory", [
     InplaceAround,
-    pytest.param(InplaceReluModule, marks=pytest.mark.xfail(strict=True, reason=(
-        "engine bug: a fold over Linear -> ReLU(inplace=True) -> Linear is rejected ('the fold "
-        "wraps ReLU ..., which is not a dense layer: the rows stay folded'); both Linears are "
-        "time-distributed (the pre-export engine rewrote them)"))),
+    InplaceReluModule,
 ])
 def test_inplace_ops_around_and_inside_site_are_rewritten_equivalently(factory):
     model = factory().train()
@@ -635,12 +632,6 @@ def test_source_mutated_after_fold_on_a_noncontiguous_example_is_not_rewritten()
     torch.testing.assert_close(opt(x_nc), model(x_nc))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: WRONG RESULT.  Optimized on a contiguous example (reshape is a view, so the fold "
-    "sees the later x.mul_(2)), the program runs on a non-contiguous input of the same rank (where "
-    "the original's reshape copies and does not see it): the call check looks at rank, dtype, "
-    "device and sizes, never strides, and the rewritten graph keeps the view semantics (a plain "
-    "torch.export of the same model gives the original's result on that input)"))
 def test_source_mutated_after_fold_is_right_for_any_layout():
     model = MutateSourceAfterFold().eval()
     opt = tdd_fx.optimize(model, (x3(),))  # contiguous example: here reshape is a view
@@ -790,10 +781,6 @@ def test_cuda_model_and_inputs():
     assert_equivalent(opt_h, half, (inputs[0].to(torch.bfloat16),), rtol=5e-2, atol=5e-2)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: optimizing an optimized model finds the aten.conv1d that the canonical node's "
-    "conv kernel records (tdd_fx/ops.py) as a new conv site: the conv family does not skip "
-    "canonical nodes (Context.canonical / capture.from_tdd)"))
 def test_optimize_twice_rewrites_nothing_more_for_every_family():
     model = Mixed().eval()
     inputs = (x3(),)
@@ -819,10 +806,6 @@ class ConvThenLoop(nn.Module):
         return torch.stack([self.step(h[:, t]) for t in range(h.size(1))], 1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: optimizing an optimized model finds the aten.conv1d that the canonical node's "
-    "conv kernel records (tdd_fx/ops.py) as a new conv site: the conv family does not skip "
-    "canonical nodes (Context.canonical / capture.from_tdd)"))
 def test_optimize_twice_after_conv_feeding_loop_finds_nothing_new():
     model = ConvThenLoop().eval()
     inputs = (torch.randn(B, FEAT, T, generator=torch.Generator().manual_seed(1)),)

@@ -224,7 +224,9 @@ class Match:
 
 
 class Family(Protocol):
-    """A pattern family: finds its sites in a captured graph."""
+    """A pattern family: finds its sites in a captured graph.  It may also declare ``layers``,
+    a tuple of standard ``nn`` layer classes worth capturing alone when their parent cannot be
+    captured (a lone ``Conv1d(C, O, 1)`` is a site; a lone ``Linear`` is not)."""
 
     pattern: str
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from .. import ops
 from ..optables import CONVS, in_place
@@ -237,6 +238,8 @@ class ConvFamily:
     """Pointwise and axis-spanning convolutions (see the module docstring)."""
 
     pattern = PATTERN
+    #: standard layers worth capturing alone when their parent cannot be captured
+    layers = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
     def find(self, ctx: Context) -> list[Match]:
         out: list[Match] = []

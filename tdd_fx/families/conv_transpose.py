@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from ..optables import CONV_TRANSPOSES
 from .base import Context, Match, first_failure, rejected
@@ -88,6 +89,8 @@ class ConvTransposeFamily:
     """``ConvTranspose1d/2d/3d`` with kernel 1, stride 1, no padding."""
 
     pattern = PATTERN
+    #: standard layers worth capturing alone when their parent cannot be captured
+    layers = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
     def find(self, ctx: Context) -> list[Match]:
         out: list[Match] = []

@@ -31,6 +31,7 @@ import torch.fx as fx
 from ..optables import (
     BINARY,
     IDENTITY,
+    IN_PLACE_OF,
     LAST_AXIS,
     METADATA,
     RANDOM,
@@ -167,6 +168,7 @@ class _Grow:
         if in_place(user) and src in self.r.folds:
             self.fail(user, f"{_op(user)} writes through the fold into the tensor it was taken from")
             return ""
+        t = IN_PLACE_OF.get(t, t)  # relu_ on rows a dense layer made: as relu, on the new rows
         if t in DENSE:
             return self._dense(user, src)
         if t in UNARY or t in IDENTITY or t in RANDOM:
@@ -270,10 +272,37 @@ def _regions(ctx: Context) -> list[Region]:
         region.folds[node] = src
         _absorb_sibling_folds(region, ctx, owner)
         _Grow(region, ctx).run()
+        written = _written_after_fold(region, ctx)
+        if written is not None and not region.reason:
+            region.reason = (f"{_op(written)} writes in place to the tensor the fold was taken "
+                             "from, after the fold: whether the folded rows see the write depends "
+                             "on the input's memory layout")
+            region.culprit = written
         for n in region.members():
             owner[n] = region
         regions.append(region)
     return regions
+
+
+def _written_after_fold(region: Region, ctx: Context) -> fx.Node | None:
+    """An in-place op on a fold's source (or on a view of it) after the fold: whether the fold
+    saw the write depends on the input's memory layout (a view does, a copy does not)."""
+    for fold, src in region.folds.items():
+        seen = {src}
+        frontier = [src]
+        while frontier:
+            n = frontier.pop()
+            for u in n.users:
+                if u in seen or u is fold:
+                    continue
+                seen.add(u)
+                if in_place(u) and u.args and u.args[0] is n and ctx.order[u] > ctx.order[fold]:
+                    return u
+                if u.target in RESHAPES or u.target in (aten.transpose.int, aten.permute.default,
+                                                        aten.t.default, aten.slice.Tensor,
+                                                        aten.select.int, aten.alias.default):
+                    frontier.append(u)
+    return None
 
 
 def _absorb_sibling_folds(region: Region, ctx: Context, owner: dict[fx.Node, Region]) -> None:

@@ -14,6 +14,9 @@ aten = torch.ops.aten
 
 
 def _canonical_nodes(opt: torch.nn.Module) -> list:
+    """Canonical nodes of the graph the current mode runs (none when nothing was rewritten)."""
+    if not tdd_fx.graphs(opt):
+        return []
     return [n for n in tdd_fx.graph_of(opt).graph.nodes if n.target is time_distributed_dense]
 
 

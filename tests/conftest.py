@@ -39,3 +39,15 @@ def assert_equivalent(opt: torch.nn.Module, model: torch.nn.Module, inputs: tupl
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: with 2 intra-op threads on a loaded 2-core machine OpenMP's spin-waiting
+    costs more than it saves.  Files use it with ``pytestmark = usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

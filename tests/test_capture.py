@@ -25,14 +25,7 @@ from tdd_fx.ops import time_distributed_dense
 FALLBACK = "running the original forward instead"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a busy 2-core box their spinning
-    costs seconds per test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _canonical(gm: fx.GraphModule) -> list:

@@ -12,38 +12,25 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from conftest import assert_equivalent
+from conv_models import (  # noqa: E402
+    FALLBACK,
+    FEAT,
+    LAYOUT,
+    OUT,
+    B,
+    C,
+    Holder,
+    T,
+    assert_same_layer,
+    aten,
+)
+from conv_models import call as _call  # noqa: E402
 from torch import nn
 
 import tdd_fx
 from tdd_fx.capture import node_module_path
 from tdd_fx.ops import time_distributed_dense
 from tdd_fx.optables import CONV_TRANSPOSES, CONVS
-
-B, FEAT, T, OUT, C = 2, 6, 5, 3, 4
-aten = torch.ops.aten
-
-#: ATen layout ops: on the data path around a rewritten conv they are the sandwich the peephole
-#: (and the family's emit) must cancel against the user's own views
-LAYOUT = {aten.unsqueeze, aten.squeeze, aten.permute, aten.transpose, aten.view, aten.reshape,
-          aten._unsafe_view, aten.flatten, aten.unflatten, aten.t, aten.movedim, aten.expand}
-FALLBACK = "running the original forward instead"
-
-
-class Holder(nn.Module):
-    """``forward`` is ``fn(self, x)``; the conv under test is ``self.conv``."""
-
-    def __init__(self, fn: Callable[..., torch.Tensor], conv: nn.Module) -> None:
-        super().__init__()
-        self.fn = fn
-        self.conv = conv
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(self, x)
-
-
-def _call(s: Holder, x: torch.Tensor) -> torch.Tensor:
-    return s.conv(x)
-
 
 #: name -> (forward, conv factory, input shape, bigger input shape, the layout ops left on the
 #: data path, each next to the canonical node: "permute" where the output's layout differs from
@@ -171,25 +158,9 @@ def test_conv_spelling_is_rewritten(name: str, training: bool) -> None:
     for gm in _graphs(opt):  # both modes: one canonical node, no conv left
         assert len(_canonical(gm)) == 1, gm.code
         assert not _conv_nodes(gm), gm.code
-    assert list(opt.state_dict()) == list(model.state_dict())
-    # the conv's parameters are the very same objects, still trainable
-    params = dict(opt.named_parameters())
-    assert params["conv.weight"] is model.conv.weight
-    assert params["conv.weight"].requires_grad
-    if model.conv.bias is not None:
-        assert params["conv.bias"] is model.conv.bias
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=f".*{FALLBACK}", category=RuntimeWarning)
-        assert_equivalent(opt, model, (x,))
-        (g_opt,) = torch.autograd.grad(opt(x).square().sum(), model.conv.weight)
-        (g_ref,) = torch.autograd.grad(model(x).square().sum(), model.conv.weight)
-        assert g_opt.abs().sum() > 0
-        torch.testing.assert_close(g_opt, g_ref)
-        # the proof holds at other sizes: the optimized graph itself runs there (no fallback);
-        # gradients too (the bias gradient sums many terms to ~0: absolute tolerance)
-        bigger = _input(POSITIVE[name][3], seed=2)
-        torch.testing.assert_close(opt(bigger), model(bigger))
-        assert_equivalent(opt, model, (bigger,), atol=1e-4, rtol=1e-4)
+    # the same layer (parameters, outputs, gradients), also at other sizes: the proof holds
+    # there and the optimized graph itself runs
+    assert_same_layer(opt, model, x, _input(POSITIVE[name][3], seed=2))
     # the sandwich is gone: only the expected layout op is left on the data path, next to the
     # canonical node
     gm = tdd_fx.graph_of(opt)

@@ -32,14 +32,7 @@ STEP_OPS = {aten.select.int, aten.unbind.int, aten.split.Tensor, aten.split_with
 SPLITS = {aten.unbind.int, aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a busy 2-core box their spinning
-    costs seconds per test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Steps(nn.Module):

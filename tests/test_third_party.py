@@ -33,16 +33,7 @@ import tdd_fx
 KERNEL_3 = "kernel size 3 on axis 2 mixes neighbouring positions"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: with 2 intra-op threads on a loaded 2-core machine, OpenMP's
-    spin-waiting made single tests of this file take 10-20 s instead of 0.1-1 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sites(report: tdd_fx.Report, status: str) -> set[tuple[str, str]]:

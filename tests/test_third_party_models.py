@@ -20,17 +20,7 @@ from torch.utils import _pytree as pytree
 
 import tdd_fx
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: with 2 intra-op threads on a loaded 2-core machine OpenMP's spin-waiting
-    costs more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -102,6 +102,14 @@ class Context:
             node = node.args[0]
             seen += 1
         return None
+
+    def unclaimed(self, ops: Any) -> Iterator[fx.Node]:
+        """The graph's calls of ``ops`` that no earlier match owns and that are not canonical
+        already (a model optimized before): what a family scans."""
+        for node in self.graph.nodes:
+            if (node.op == "call_function" and node.target in ops
+                    and node.name not in self.claimed and not self.canonical(node)):
+                yield node
 
     def canonical(self, node: fx.Node) -> bool:
         """The node came from tdd_fx's own canonical function (a model optimized before)."""

@@ -243,11 +243,7 @@ class ConvFamily:
 
     def find(self, ctx: Context) -> list[Match]:
         out: list[Match] = []
-        for node in ctx.graph.nodes:
-            if node.op != "call_function" or node.target not in CONVS or node.name in ctx.claimed:
-                continue
-            if ctx.canonical(node):
-                continue
+        for node in ctx.unclaimed(CONVS):
             p = ConvParams(node, ctx)
             if not _near(p, ctx):
                 continue

@@ -94,9 +94,9 @@ class ConvTransposeFamily:
 
     def find(self, ctx: Context) -> list[Match]:
         out: list[Match] = []
-        for node in ctx.graph.nodes:
+        for node in ctx.unclaimed(CONV_TRANSPOSES | {aten.convolution.default}):
             args = _args(node)
-            if args is None or node.name in ctx.claimed or ctx.canonical(node):
+            if args is None:
                 continue
             x = args[0]
             reason = _check(args, ctx)

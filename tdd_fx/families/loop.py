@@ -708,9 +708,7 @@ class LoopFamily:
     def find(self, ctx: Context) -> list[Match]:
         scan: Scan | None = None
         out: list[Match] = []
-        for node in ctx.graph.nodes:
-            if not is_op(node, JOINS) or node.name in ctx.claimed or ctx.canonical(node):
-                continue
+        for node in ctx.unclaimed(JOINS):
             scan = scan or Scan(ctx)
             match = prove(node, scan)
             if match is not None:

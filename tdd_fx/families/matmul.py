@@ -431,9 +431,7 @@ class MatmulFamily:
         live = _input_dependent(ctx)
         random = any(_draws(n) for n in ctx.graph.nodes)
         out: list[Match] = []
-        for node in ctx.graph.nodes:
-            if not is_op(node, PRODUCTS) or node.name in ctx.claimed or ctx.canonical(node):
-                continue
+        for node in ctx.unclaimed(PRODUCTS):
             m = _match(node, ctx, live, random)
             if m is not None:
                 out.append(m)

@@ -4,16 +4,28 @@ Every kernel of :data:`tdd_fx.ops.KERNELS` computes the same function; which is 
 device, dtype, shape and whether a backward pass follows (``shared/anchors`` and
 ``benchmarks/results`` disagree between an H100 and this CPU, and between shapes).  So each
 canonical node whose features are not on the last axis is timed with each applicable kernel on
-random data of its actual input shape, forward-only in eval mode and forward+backward in training
-mode, and the fastest is fixed in the node.  Choices are cached per (device, dtype, shape,
-feature_dim, out_features, mode) for the process.
+random data of its actual input shape — forward-only in eval mode, forward+backward in training
+mode — the kernels interleaved round after round, and another kernel replaces the heuristic's
+choice only when it is faster by more than the measured noise.
+
+Measurements are cached in memory and on disk (``$TDD_FX_CACHE``, default
+``~/.cache/tdd_fx/kernels.json``; ``TDD_FX_CACHE=off`` disables the file), keyed by torch
+version, device, dtype, shape bucket (each size rounded up to a power of two), feature axis,
+output size and mode, so a second process tunes the same model for free.  Tuning a model is
+bounded (:data:`BUDGET_S` seconds of measurement; sites left when it runs out keep the heuristic
+kernel, and the report says how many).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,8 +38,46 @@ from .capture import copy_module_tree
 from .families.base import example_shape
 from .inputs import Example
 
-Key = tuple[str, str, tuple[int, ...], int, int, bool]
-_CACHE: dict[Key, dict[str, float]] = {}
+#: seconds of kernel measurement per ``optimize(..., autotune=True)`` (the whole-model timing
+#: that decides the never-slower rule comes on top)
+BUDGET_S = 1.5
+#: kernel timings: (median seconds, relative noise) by kernel name, per cache key
+Times = dict[str, tuple[float, float]]
+_CACHE: dict[str, Times] = {}
+
+
+def cache_file() -> Path | None:
+    """Where measured kernel times persist across processes (None: memory only)."""
+    env = os.environ.get("TDD_FX_CACHE", "")
+    if env.lower() in ("off", "0", "none"):
+        return None
+    return Path(env) if env else Path.home() / ".cache" / "tdd_fx" / "kernels.json"
+
+
+def _load() -> dict[str, Times]:
+    path = cache_file()
+    if path is None or not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+        return {k: {n: (float(t[0]), float(t[1])) for n, t in v.items()} for k, v in raw.items()}
+    except (OSError, ValueError, TypeError, IndexError, AttributeError):
+        return {}  # a damaged cache is measured again, never trusted
+
+
+def _store(key: str, times: Times) -> None:
+    path = cache_file()
+    if path is None:
+        return
+    try:
+        data = _load()
+        data[key] = times
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            json.dump(data, f)
+        os.replace(f.name, path)  # atomic: concurrent processes never read half a file
+    except OSError:
+        pass  # a read-only home: memory cache only
 
 
 def _sync(device: torch.device) -> None:
@@ -38,24 +88,37 @@ def _sync(device: torch.device) -> None:
 def median_time(fn: Callable[[], Any], device: torch.device, repeats: int = 5,
                 min_time: float = 0.01) -> tuple[float, float]:
     """(median seconds per call, relative spread between the quartiles) over ``repeats`` rounds."""
-    fn()
-    _sync(device)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < min_time:
+    return interleaved({"fn": fn}, device, repeats, min_time)["fn"]
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, rounds: int = 5,
+                min_time: float = 0.01) -> Times:
+    """Per function, (median seconds per call, relative interquartile spread), measured round
+    after round with the functions interleaved (a load spike hits all of them alike)."""
+    iters = {}
+    for name, fn in fns.items():  # warm up, then calibrate calls per round
         fn()
-        n += 1
-    _sync(device)
-    n = max(1, n)
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
         _sync(device)
-        samples.append((time.perf_counter() - t0) / n)
-    med = statistics.median(samples)
-    q = statistics.quantiles(samples, n=4) if len(samples) >= 4 else [min(samples), max(samples)]
-    return med, (q[-1] - q[0]) / med if med else 0.0
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < min_time:
+            fn()
+            n += 1
+        _sync(device)
+        iters[name] = max(1, n)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(iters[name]):
+                fn()
+            _sync(device)
+            samples[name].append((time.perf_counter() - t0) / iters[name])
+    out: Times = {}
+    for name, v in samples.items():
+        med = statistics.median(v)
+        q = statistics.quantiles(v, n=4) if len(v) >= 4 else [min(v), max(v)]
+        out[name] = (med, (q[-1] - q[0]) / med if med else 0.0)
+    return out
 
 
 def candidates_for(ndim: int, feature_dim: int) -> list[str]:
@@ -70,42 +133,79 @@ def candidates_for(ndim: int, feature_dim: int) -> list[str]:
     return names
 
 
+def _bucket(shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(1 << max(0, int(s) - 1).bit_length() for s in shape)
+
+
+def cache_key(shape: Sequence[int], feature_dim: int, out_features: int, dtype: torch.dtype,
+              device: torch.device, train: bool) -> str:
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"{platform.machine()} {platform.processor()} x{torch.get_num_threads()}"
+    return "|".join(map(str, (torch.__version__, device.type, where, dtype, _bucket(shape),
+                              feature_dim % len(shape), out_features,
+                              "train" if train else "eval")))
+
+
 def kernel_times(shape: Sequence[int], feature_dim: int, out_features: int, dtype: torch.dtype,
-                 device: torch.device, train: bool) -> dict[str, float]:
-    """Seconds per call of each applicable kernel (cached)."""
-    key: Key = (str(device), str(dtype), tuple(shape), feature_dim % len(shape), out_features,
-                train)
+                 device: torch.device, train: bool) -> Times:
+    """(seconds per call, relative noise) of each applicable kernel; cached in memory and on
+    disk."""
+    key = cache_key(shape, feature_dim, out_features, dtype, device, train)
+    if key not in _CACHE:
+        _CACHE.update(_load())
     if key in _CACHE:
         return _CACHE[key]
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(tuple(shape), generator=g).to(device=device, dtype=dtype)
     w = torch.randn(out_features, shape[feature_dim], generator=g).to(device=device, dtype=dtype)
     b = torch.randn(out_features, generator=g).to(device=device, dtype=dtype)
-    if train:
-        x.requires_grad_(True)
-        w.requires_grad_(True)
-        b.requires_grad_(True)
-    out: dict[str, float] = {}
-    for name in candidates_for(len(shape), feature_dim):
-        def run(name: str = name) -> None:
+    for t in (x, w, b):
+        t.requires_grad_(train)
+
+    def step(name: str) -> Callable[[], None]:
+        def run() -> None:
             if train:
                 y = ops.time_distributed_dense(x, w, b, feature_dim=feature_dim, impl=name)
                 y.backward(torch.ones_like(y))
             else:
                 with torch.no_grad():
                     ops.time_distributed_dense(x, w, b, feature_dim=feature_dim, impl=name)
-        try:
-            out[name] = median_time(run, device)[0]
-        except Exception:  # a kernel that cannot run here is simply not a choice
+        return run
+
+    fns = {}
+    for name in candidates_for(len(shape), feature_dim):
+        try:  # a kernel that cannot run here is simply not a choice
+            step(name)()
+        except Exception:
             continue
+        fns[name] = step(name)
+    out = interleaved(fns, device, rounds=5, min_time=0.002) if fns else {}
     _CACHE[key] = out
+    _store(key, out)
     return out
 
 
-def tune(gm: fx.GraphModule, train: bool, device: torch.device) -> dict[str, dict[str, float]]:
-    """Fix the fastest kernel in every canonical node of ``gm`` (timed at the example's sizes,
-    from the nodes' captured values); returns the times per site."""
-    measured: dict[str, dict[str, float]] = {}
+def decide(times: Times, default: str) -> str:
+    """The measured fastest kernel if it beats ``default`` by more than both measurements'
+    noise, else ``default`` (a decision inside the noise would flip from run to run)."""
+    if not times:
+        return default
+    best = min(times, key=lambda k: times[k][0])
+    if default not in times or best == default:
+        return best
+    (tb, nb), (td, nd) = times[best], times[default]
+    return best if tb * (1 + max(nb, nd, 0.02)) < td else default
+
+
+def tune(gm: fx.GraphModule, train: bool, device: torch.device,
+         deadline: float = float("inf")) -> tuple[dict[str, Times], int]:
+    """Fix the measured kernel in every canonical node of ``gm`` (timed at the example's sizes,
+    from the nodes' captured values) until ``deadline`` (``time.perf_counter()``); returns the
+    times per site and how many nodes were left at their heuristic kernel for lack of time."""
+    measured: dict[str, Times] = {}
+    skipped = 0
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.target is not ops.time_distributed_dense:
             continue
@@ -115,15 +215,18 @@ def tune(gm: fx.GraphModule, train: bool, device: torch.device) -> dict[str, dic
             continue
         shape = example_shape(tuple(x.shape))
         fd = n.kwargs.get("feature_dim", -1)
-        times = kernel_times(shape, fd, int(w.shape[0]), x.dtype, device, train)
-        if not times:
+        if len(candidates_for(len(shape), fd)) < 2:
             continue
-        best = min(times, key=times.__getitem__)
-        n.kwargs = {**n.kwargs, "impl": best}
+        key = cache_key(shape, fd, int(w.shape[0]), x.dtype, device, train)
+        if key not in _CACHE and time.perf_counter() > deadline:
+            skipped += 1
+            continue
+        times = kernel_times(shape, fd, int(w.shape[0]), x.dtype, device, train)
+        n.kwargs = {**n.kwargs, "impl": decide(times, n.kwargs.get("impl", "linear"))}
         if "tdd_site" in n.meta:
             measured[n.meta["tdd_site"]] = times
     gm.recompile()
-    return measured
+    return measured, skipped
 
 
 def tune_result(original: nn.Module, result: nn.Module, example: Example, report: Any,
@@ -136,14 +239,21 @@ def tune_result(original: nn.Module, result: nn.Module, example: Example, report
     train = original.training if mode is None else mode == "train"
     device = _device_of(original, example.tensors())
     sites = {s.node: s for s in report.rewritten}
+    start = time.perf_counter()
+    skipped = 0
     for _, module in result.named_modules():
         for program in programs_of(module):
-            times = tune(program.gm, train, device)
-            if program.training == original.training:
-                for site, t in times.items():
-                    if site in sites:
-                        sites[site].kernel_ms = {k: round(v * 1e3, 4) for k, v in t.items()}
-                        sites[site].kernel = min(t, key=t.__getitem__)
+            times, left = tune(program.gm, train, device, start + BUDGET_S)
+            skipped += left
+            if program.training != original.training:
+                continue
+            for site, t in times.items():
+                if site in sites:
+                    sites[site].kernel_ms = {k: round(v[0] * 1e3, 4) for k, v in t.items()}
+                    sites[site].kernel = _impl_of(program.gm, site) or sites[site].kernel
+    report.notes.append(f"autotune: kernels measured in {time.perf_counter() - start:.2f} s"
+                        + (f"; {skipped} canonical node(s) kept the heuristic kernel (budget "
+                           f"{BUDGET_S} s spent)" if skipped else ""))
     v = verify(original, result, [example], fp64_reference(original))
     if not v.ok:  # kernels are equivalent; a failure here is a bug, never a silent result
         report.notes.append(f"measured kernels failed verification ({v.detail}); the original "
@@ -161,6 +271,13 @@ def tune_result(original: nn.Module, result: nn.Module, example: Example, report
         report.time_after_ms = before * 1e3
         return copy_module_tree(original)
     return result
+
+
+def _impl_of(gm: fx.GraphModule, site: str) -> str | None:
+    for n in gm.graph.nodes:
+        if n.target is ops.time_distributed_dense and n.meta.get("tdd_site") == site:
+            return n.kwargs.get("impl")
+    return None
 
 
 def _device_of(gm: nn.Module, inputs: Sequence[Any]) -> torch.device:

@@ -1,0 +1,105 @@
+"""The call-time path of an optimized module (tdd_fx/program.py) reached directly.
+
+The compiled fast checks must accept exactly the calls the full check accepts (a fast ``True``
+where the full check would refuse would run a graph outside what the capture covered); the
+compiled state fetch must read the live module tree like ``getattr`` does.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import tdd_fx
+from tdd_fx.program import CallMismatch, programs_of, tree_flags
+
+
+class Folded(nn.Module):
+    """Reshape sandwich with a literal time size (a fixed size) and a derived size (B*T)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        y = self.fc(x.reshape(x.size(0) * x.size(1), 6)) * scale
+        return y.view(x.size(0), 4, 5)
+
+
+class Pair(nn.Module):
+    """Two inputs whose batch sizes must agree (one symbol, two places)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        z = self.fc(x.contiguous().view(-1, 6)).view(x.size(0), -1, 3)
+        return z + y
+
+
+def _full_check_passes(program, flat) -> bool:
+    try:
+        program.checker.check(flat)
+    except CallMismatch:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("model,example,calls", [
+    (Folded(), (torch.randn(2, 4, 6),),
+     [(torch.randn(b, t, f),) for b, t, f in itertools.product((1, 2, 3, 7), (3, 4), (5, 6))]
+     + [(torch.randn(2, 4, 6, dtype=torch.float64),), (torch.randn(2, 4),), ("text",)]),
+    (Pair(), (torch.randn(2, 5, 6), torch.randn(2, 5, 3)),
+     [(torch.randn(b, t, 6), torch.randn(b2, t2, 3))
+      for b, t, b2, t2 in itertools.product((1, 2, 3), (4, 5), (1, 2, 3), (4, 5))]),
+])
+def test_fast_check_agrees_with_full_check(model, example, calls) -> None:
+    opt = tdd_fx.optimize(model.eval(), example)
+    assert opt.tdd_report.rewritten
+    (program,) = [p for p in programs_of(opt) if not p.training]
+    assert program.fast_check is not None
+    for call in calls:
+        flat = list(call)
+        assert program.fast_check(flat) == _full_check_passes(program, flat), call
+
+
+def test_fast_check_guards_a_fixed_size() -> None:
+    """A size the rewrite relied on (the literal 4 in ``view(B, 4, O)``) is checked by both."""
+    opt = tdd_fx.optimize(Folded().eval(), (torch.randn(2, 4, 6),))
+    (program,) = [p for p in programs_of(opt) if not p.training]
+    assert program.fast_check([torch.randn(3, 4, 6)])
+    assert not program.fast_check([torch.randn(3, 5, 6)])
+
+
+def test_state_fetch_is_live() -> None:
+    """Parameters replaced after optimize (assign=True, a parametrization) are what runs."""
+    model = Folded().eval()
+    x = torch.randn(2, 4, 6)
+    opt = tdd_fx.optimize(model, (x,))
+    (program,) = [p for p in programs_of(opt) if not p.training]
+    assert [t is getattr(opt.fc, n) for t, n in zip(program.fetch(opt), ("weight", "bias"))] \
+        == [True, True]
+    new = {"fc.weight": torch.randn(5, 6), "fc.bias": torch.randn(5)}
+    opt.load_state_dict(new, assign=True)
+    ref = Folded().eval()
+    ref.load_state_dict(new)
+    torch.testing.assert_close(opt(x), ref(x))
+    torch.nn.utils.parametrize.register_parametrization(opt.fc, "weight", _Double())
+    ref.fc.weight.data.mul_(2)
+    torch.testing.assert_close(opt(x), ref(x))
+
+
+class _Double(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return 2 * w
+
+
+def test_tree_flags_follow_modules_order() -> None:
+    shared = nn.Linear(2, 2)
+    model = nn.Sequential(shared, nn.Sequential(nn.ReLU(), shared), nn.Dropout())
+    model[1].eval()
+    assert tree_flags(model) == tuple(m.training for m in model.modules())

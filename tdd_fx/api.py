@@ -128,6 +128,8 @@ def _summarize(report: Report, parts: list[pl.Part]) -> None:
                             "code runs)")
         return
     report.verified = all(v.ok for v in verdicts)
+    report.unverified_reason = "; ".join(dict.fromkeys(
+        v.detail or "a verification check failed" for v in verdicts if not v.ok))
     report.max_error = max(v.max_error for v in verdicts)
     report.tolerance_used = max(v.tolerance_used for v in verdicts)
 

@@ -300,7 +300,8 @@ def node_module_path(node: fx.Node) -> str:
 
 
 def copy_module_tree(model: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
-    """New module objects with the same structure and attributes, sharing Parameters and buffers.
+    """New module objects with the same structure and attributes, sharing Parameters and buffers
+    (the buffer table itself: a conversion of either tree reaches both).
 
     A module that appears twice in the tree (tied layers) is copied once, so identity is kept.
     """
@@ -313,8 +314,10 @@ def copy_module_tree(model: nn.Module, memo: dict[int, nn.Module] | None = None)
     if hasattr(new.__dict__.get("forward"), "rebind"):  # an optimized module copied again
         new.__dict__["forward"] = new.__dict__["forward"].rebind(new)
     new._parameters = type(model._parameters)(model._parameters)
-    new._buffers = type(model._buffers)(model._buffers)
-    new._non_persistent_buffers_set = set(model._non_persistent_buffers_set)
+    # one buffer table for both: ``.double()``/``.to()`` convert parameters in place (shared
+    # objects) and replace buffers in the table, so either tree converted converts both alike
+    new._buffers = model._buffers
+    new._non_persistent_buffers_set = model._non_persistent_buffers_set
     for name in _HOOK_DICTS:
         if hasattr(model, name):
             setattr(new, name, copy.copy(getattr(model, name)))

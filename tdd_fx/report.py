@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -43,7 +44,14 @@ class Site:
         for k in ("in_shape", "out_shape"):
             if d[k] is not None:
                 d[k] = list(d[k])
+        d["max_error"] = _json_number(d["max_error"])
+        d["kernel_ms"] = {k: _json_number(v) for k, v in d["kernel_ms"].items()}
         return d
+
+
+def _json_number(v: float | None) -> float | None:
+    """Strict JSON has no NaN or Infinity: a number that is not finite becomes null."""
+    return v if v is None or math.isfinite(v) else None
 
 
 def _kernel(s: Site) -> str:
@@ -66,6 +74,8 @@ class Report:
     verified: bool | None = None
     max_error: float | None = None
     tolerance_used: float | None = None
+    #: why verification failed (when ``verified`` is False)
+    unverified_reason: str = ""
     guards: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     inputs: str = ""
@@ -104,7 +114,7 @@ class Report:
                        else f", {100 * self.tolerance_used:.0f}% of the tolerance used")
                 head += f"; outputs and gradients verified{err}{tol}"
             elif self.verified is False:
-                head += "; NOT verified"
+                head += f"; NOT verified ({self.unverified_reason or 'reason not recorded'})"
             if self.time_before_ms is not None and self.time_after_ms is not None:
                 head += (f"; {self.timing_mode} step {self.time_before_ms:.3g} ms -> "
                          f"{self.time_after_ms:.3g} ms "
@@ -150,10 +160,11 @@ class Report:
             "model": self.model,
             "inputs": self.inputs,
             "verified": self.verified,
-            "max_error": self.max_error,
-            "tolerance_used": self.tolerance_used,
-            "time_before_ms": self.time_before_ms,
-            "time_after_ms": self.time_after_ms,
+            "unverified_reason": self.unverified_reason,
+            "max_error": _json_number(self.max_error),
+            "tolerance_used": _json_number(self.tolerance_used),
+            "time_before_ms": _json_number(self.time_before_ms),
+            "time_after_ms": _json_number(self.time_after_ms),
             "timing_mode": self.timing_mode,
             "guards": list(self.guards),
             "notes": list(self.notes),

@@ -52,7 +52,10 @@ def _matmul(x: Tensor, w: Tensor, b: Tensor | None, d: int) -> Tensor:
     # (out, in) @ (..., in, rest) -> (..., out, rest); only valid when d == ndim - 2 or the
     # rest is folded: we fold every axis after d into one.
     lead, rest = x.shape[:d], x.shape[d + 1 :]
-    x3 = x.reshape(*lead, x.shape[d], -1)
+    n = 1
+    for r in rest:  # not -1: an empty batch leaves it ambiguous
+        n = n * r
+    x3 = x.reshape(*lead, x.shape[d], n)
     y = torch.matmul(w, x3)
     if b is not None:
         y = y + b[:, None]

@@ -78,6 +78,9 @@ class Captured:
     #: environment): ("tensor", (rank, dtype, device type), [size expression per axis]) or
     #: ("value", the constant, None)
     leaves: list[tuple[str, Any, Any]] = field(default_factory=list)
+    #: per user input, its memory layout on the example (see :func:`layout`): export decides
+    #: aliasing on it (``contiguous()`` is a no-op on contiguous data and is not recorded)
+    layouts: list[Any] = field(default_factory=list)
 
     def placeholders(self) -> list[fx.Node]:
         return [n for n in self.gm.graph.nodes if n.op == "placeholder"]
@@ -140,8 +143,23 @@ def capture(model: nn.Module, example: Example, training: bool | None) -> Captur
             syms = [cap.leaves[i][2][d] for i, d in grown]
             if all(isinstance(s, sympy.Symbol) for s in syms):
                 cap.size_one = set(syms)
+                cap.layouts = [layout(x) for x in example.leaves()]
                 return cap
-    return _capture(model, example, training)
+    cap = _capture(model, example, training)
+    cap.layouts = [layout(x) for x in example.leaves()]
+    return cap
+
+
+def layout(x: Any) -> Any:
+    """A tensor's memory layout class: "contiguous", "channels_last", or the order of its axes
+    by decreasing stride (None for a non-tensor)."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    if x.is_contiguous():
+        return "contiguous"
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return tuple(sorted(range(x.dim()), key=lambda d: (-x.stride(d), d)))
 
 
 def hooked(model: nn.Module) -> str:

@@ -114,6 +114,34 @@ def alternative(model: nn.Module, example: Example, program: Program,
     return None
 
 
+def _extreme(x: Any) -> bool:
+    """NaN, Inf, or a value beyond 1000x the typical magnitude: one such element sets the scale
+    of every tolerance (or makes it NaN), blinding the comparison of all the others."""
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel()):
+        return False
+    mag = x.detach().double().abs().flatten()
+    if not bool(torch.isfinite(mag).all()):
+        return True
+    return float(mag.max()) > 1e3 * max(float(mag.median()), 1e-12)
+
+
+def tamed(model: nn.Module, example: Example) -> list[Example]:
+    """``[the example resampled at its own sizes]`` when it holds extreme values (and the model
+    accepts the resample), else ``[]``."""
+    leaves = example.leaves()
+    if not any(_extreme(x) for x in leaves):
+        return []
+    sizes = {(i, 0): x.shape[0] for i, x in enumerate(leaves)
+             if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim()}
+    tame = resized_to(example, sizes, seed=0x7DE)
+    try:
+        with preserved([model]), torch.no_grad():
+            tame.clone().call(model)
+    except Exception:
+        return []
+    return [tame]
+
+
 def verify_mode(model: nn.Module, example: Example, captured: Captured, proved: list[Match],
                 flags: tuple[bool, ...]) -> ModeResult:
     """Bisect ``proved`` down to the matches whose rewrite verifies (outputs and gradients
@@ -123,7 +151,7 @@ def verify_mode(model: nn.Module, example: Example, captured: Captured, proved: 
     if not proved:  # nothing to rewrite: this mode keeps running the original code
         return result
     base, _ = build_program(captured, [], names, flags)
-    sets = [example]
+    sets = [example, *tamed(model, example)]
     alt = alternative(model, example, base, {s for m in proved for s in m.guards})
     if alt is not None:
         sets.append(alt)

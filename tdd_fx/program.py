@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from .capture import Captured
+from .capture import Captured, layout
 
 _ASSERT = "Runtime assertion failed"
 
@@ -134,6 +134,12 @@ class Program:
         self.flags = flags
         self.checker = InputChecker(captured, names, fixed)
         self.kw_order = _kw_order(captured.in_spec)
+        #: the example's memory layouts, checked when the graph writes in place (export made
+        #: its aliasing decisions on them); None when it does not
+        self.layouts = captured.layouts if _writes_in_place(gm) else None
+        #: the dtype of each state value at capture (the graph bakes dtypes in: casts, kernels)
+        self.state_dtypes = [getattr(n.meta.get("val"), "dtype", None)
+                             for n in captured.placeholders()[:len(self.state)]]
 
     def flatten(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
         if set(kwargs) != set(self.kw_order):
@@ -151,6 +157,8 @@ class Program:
 
     def run(self, module: nn.Module, flat: list[Any]) -> Any:
         state = [_fetch(module, kind, target, self.constants) for kind, target in self.state]
+        if [getattr(t, "dtype", None) for t in state] != self.state_dtypes:
+            raise CallMismatch(self._converted(state))
         try:
             out = self.gm(*state, *flat)
         except RuntimeError as exc:
@@ -164,6 +172,14 @@ class Program:
                     _fetch(module, "buffer", target, {}).copy_(value)
             out = out[len(self.mutated):]
         return pytree.tree_unflatten(out, self.out_spec)
+
+
+    def _converted(self, state: list[Any]) -> str:
+        for (_, target), t, dtype in zip(self.state, state, self.state_dtypes):
+            if getattr(t, "dtype", None) != dtype:
+                return (f"{target} is {getattr(t, 'dtype', type(t).__name__)}, captured as "
+                        f"{dtype} (the module was converted after optimize)")
+        return "the module's state changed since capture"
 
 
 def _kw_order(in_spec: pytree.TreeSpec) -> list[str]:
@@ -212,7 +228,10 @@ class Dispatch:
                    "submodule train/eval flags)")
         else:
             try:
+                _check_context(m)
                 flat = program.flatten(args, kwargs)
+                if program.layouts:
+                    _check_layouts(program, flat)
                 if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
                     program.checker.check(flat)
                 return program.run(m, flat)
@@ -227,6 +246,42 @@ class Dispatch:
         self.warned.add(why)
         warnings.warn(f"tdd_fx: {type(self.module).__name__}: {why}; running the original "
                       "forward instead (warned once)", RuntimeWarning, stacklevel=4)
+
+
+def _writes_in_place(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+               and n.target._schema.is_mutable for n in gm.graph.nodes)
+
+
+def _check_layouts(program: Program, flat: list[Any]) -> None:
+    """In-place writes in the graph: the inputs' memory layouts must be the example's (whether a
+    ``reshape``/``contiguous()`` copied or aliased was decided on them at capture)."""
+    for i, (x, want) in enumerate(zip(flat, program.layouts)):
+        if want is not None and isinstance(x, Tensor) and layout(x) != want:
+            name = program.checker.names[i] if i < len(program.checker.names) else f"input {i}"
+            raise CallMismatch(f"{name} is laid out in memory otherwise than the example "
+                               f"({layout(x)} vs {want}), and the model writes in place")
+
+
+def _check_context(module: nn.Module) -> None:
+    """What a captured graph cannot honour around the call: autocast (the graph's ops would be
+    autocast one by one, a rewritten one differently from the code it replaced) and hooks
+    registered on a submodule after optimize (the graph never calls the submodule)."""
+    if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+        raise CallMismatch("called under torch.autocast, which the capture did not cover")
+    hooks = nn.modules.module
+    if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+            or hooks._global_backward_hooks or hooks._global_backward_pre_hooks):
+        raise CallMismatch("global module hooks are registered: the graph would not run them")
+    stack = [c for c in module._modules.values() if c is not None]
+    while stack:
+        m = stack.pop()
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or \
+                m._backward_pre_hooks:
+            name = next((n for n, c in module.named_modules() if c is m), type(m).__name__)
+            raise CallMismatch(f"{name} has hooks registered after optimize (the graph would not "
+                               "run them)")
+        stack.extend(c for c in m._modules.values() if c is not None)
 
 
 def _dispatch(dispatch: Dispatch, *args: Any, **kwargs: Any) -> Any:

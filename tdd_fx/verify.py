@@ -145,7 +145,7 @@ def compare(orig: dict[str, Tensor | None], cand: dict[str, Tensor | None],
         missing = sorted(set(orig) ^ set(cand))
         return Verdict(False, float("inf"), f"outputs/gradients differ in kind: {missing[:4]}")
     worst = frac = 0.0
-    overall = max((float(t.detach().double().abs().max()) for t in (ref or orig).values()
+    overall = max((_finite_max(t) for t in (ref or orig).values()
                    if t is not None and t.is_floating_point() and t.numel()), default=1.0)
     for k, a in orig.items():
         c = cand[k]
@@ -161,14 +161,17 @@ def compare(orig: dict[str, Tensor | None], cand: dict[str, Tensor | None],
             continue
         r = ref.get(k) if ref is not None else None
         r64 = (r if r is not None and r.shape == a.shape else a).double()
+        differ = _non_finite_differ(a, c)
+        if differ:
+            return Verdict(False, float("inf"), f"{k}: {differ}")
+        finite = torch.isfinite(a)
+        if not bool(finite.all()):  # the same NaN/Inf in both: compare every other element
+            a, c, r64 = a[finite], c[finite], r64[finite]
+        r64 = torch.where(torch.isfinite(r64), r64, a.double())  # float64 overflowed elsewhere
         scale = float(r64.abs().max()) if r64.numel() else 0.0
         scale = scale if scale > 0 else 1.0
         e_orig = float((a.double() - r64).abs().max()) if a.numel() else 0.0
         e_cand = float((c.double() - r64).abs().max()) if c.numel() else 0.0
-        if e_cand != e_cand:  # NaN
-            if bool(torch.isnan(a).any()) and torch.equal(torch.isnan(a), torch.isnan(c)):
-                continue
-            return Verdict(False, float("inf"), f"{k}: NaN")
         eps = torch.finfo(c.dtype).eps
         floor = 64 * eps * scale
         # the original's own error widens the tolerance, up to a ceiling no real error passes
@@ -183,6 +186,26 @@ def compare(orig: dict[str, Tensor | None], cand: dict[str, Tensor | None],
                            f"{k}: error {e_cand:.2e} vs the original's {e_orig:.2e} "
                            f"(against float64, scale {scale:.2e})", tolerance_used=e_cand / tol)
     return Verdict(True, worst, "", len(orig), frac)
+
+
+def _finite_max(t: Tensor) -> float:
+    """The largest finite magnitude (an Inf or NaN must not make every tolerance infinite)."""
+    t = t.detach().double().abs()
+    return float(t.nan_to_num(0.0, 0.0, 0.0).max()) if t.numel() else 0.0
+
+
+def _non_finite_differ(a: Tensor, c: Tensor) -> str:
+    """"" when ``c`` has NaN and Inf exactly where ``a`` has them (the same infinities);
+    else what differs.  Only the finite elements are then compared numerically."""
+    bad_a, bad_c = ~torch.isfinite(a), ~torch.isfinite(c)
+    if not torch.equal(bad_a, bad_c):
+        return "NaN/Inf in other places than in the original's"
+    if bool(bad_a.any()):
+        ai, ci = a[bad_a], c[bad_a]
+        if not (torch.equal(ai.isnan(), ci.isnan())
+                and torch.equal(ai.nan_to_num(0.0), ci.nan_to_num(0.0))):
+            return "NaN/Inf differ from the original's"
+    return ""
 
 
 def _is_zero(t: Tensor | None) -> bool:

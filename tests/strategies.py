@@ -25,9 +25,18 @@ of a family, true or near-miss:
 - ``matmul``    einsum with random equations over a 2-D parameter or buffer, ``@``/``matmul``/
                  ``bmm``/``baddbmm`` with ``(out, in)`` or ``(in, out)`` weights, right and wrong
                  biases, products of the input with itself.
+- ``dropfold``  dropout before and/or after a fold or a channel-first transpose pair.
+- ``inplace``   in-place ops on views around a fold (``relu(inplace=True)`` on its result, an
+                 in-place ``Dropout`` on the folded view, a write through another view, an
+                 in-place op on a ``contiguous()`` copy, a write through a transposed view).
+- ``mode``      a Python branch on ``self.training`` around a site.
+- ``autocast``  a site inside ``torch.autocast`` in forward.
 - ``pointwise`` activations, dropout, LayerNorm, scalar arithmetic between blocks.
 
-Models are float32, float64 or (rarely) bfloat16, in train or eval mode; every dim is 1..6.
+Loops sometimes feed Python values derived from their length (``len(outs)``, the middle step)
+into the result.  Models are float32, float64 or (rarely) bfloat16, in train or eval mode; every
+dim is 1..6; the example input is sometimes non-contiguous or channels-last, and sometimes holds
+one NaN, Inf or 1e8 (the property also checks the example in the other memory layout).
 """
 
 from __future__ import annotations
@@ -638,8 +647,16 @@ def block_loop(w: Writer) -> str:
         assume(False)
         raise
     w.shape = list(y.shape)
+    # Python values derived from the loop (its length, a middle step) feeding the result
+    pyval = w.pick(["", "", "", "mean_len", "scale_len", "mid_step"])
+    if pyval == "mean_len":
+        w.emit(f"h = h / len({outs})")
+    elif pyval == "scale_len":
+        w.emit(f"h = h * (len({outs}) + 1)")
+    elif pyval == "mid_step":
+        w.emit(f"h = h + {outs}[len({outs}) // 2].sum()")
     return f"loop:{source}/{count}/{tying}/{combine}" + (f"+{extra}" if extra else "") + (
-        "+recurrent" if recurrent else "")
+        "+recurrent" if recurrent else "") + (f"+{pyval}" if pyval else "")
 
 
 LETTERS = "abcd"
@@ -777,21 +794,131 @@ def block_pointwise(w: Writer) -> str:
     return f"pointwise:{kind}"
 
 
+def block_dropfold(w: Writer) -> str:
+    """Dropout before and/or after a fold (or a channel-first transpose pair): in train mode the
+    rewrite must draw the same mask for the same element."""
+    s = w.shape
+    f, o = s[-1], w.size()
+    fc = w.module(f"nn.Linear({f}, {o})", "fc")
+    drop = w.module(f"nn.Dropout({w.pick([0.3, 0.5])})", "drop")
+    where = w.pick(["before", "after", "both"])
+    x0 = w.fresh("x")
+    w.emit(f"{x0} = {drop}(h)" if where != "after" else f"{x0} = h")
+    if len(s) >= 3 and w.chance(0.4):  # channel-first data: features on axis 1
+        cf = w.module(f"nn.Linear({s[1]}, {o})", "fc")
+        w.emit(f"h = {cf}({x0}.transpose(1, -1))")
+        if where != "before":
+            w.emit(f"h = {drop}(h)")
+        w.emit("h = h.transpose(1, -1)")
+        w.shape = [s[0], o, *s[2:]]
+        return f"dropfold:chfirst/{where}"
+    w.emit(f"h = {fc}({x0}.reshape(-1, {f})).view(*{x0}.shape[:-1], {o})")
+    if where != "before":
+        w.emit(f"h = {drop}(h)")
+    w.shape = [*s[:-1], o]
+    return f"dropfold:{where}"
+
+
+def block_inplace(w: Writer) -> str:
+    """In-place ops on views around a fold: results that depend on the input's layout (a
+    ``reshape`` is a view only of contiguous data) must stay the original's."""
+    s = w.shape
+    f, o = s[-1], w.size()
+    fc = w.module(f"nn.Linear({f}, {o})", "fc")
+    x0 = w.fresh("x")
+    w.emit(f"{x0} = h * 1.0")  # the model's own tensor, in h's layout
+    kind = w.pick(["relu_result", "dropout_view", "other_view", "contiguous_copy", "transposed"])
+    lead = f"*{x0}.shape[:-1]"
+    if kind == "relu_result":
+        w.emit(f"y = {fc}({x0}.reshape(-1, {f}))")
+        w.emit("F.relu(y, inplace=True)")
+        w.emit(f"h = y.view({lead}, {o})")
+    elif kind == "dropout_view":
+        drop = w.module(f"nn.Dropout({w.pick([0.0, 0.3])}, inplace=True)", "drop")
+        w.emit(f"h = {fc}({drop}({x0}.reshape(-1, {f}))).view({lead}, {o}) + {x0}.sum()")
+    elif kind == "other_view":
+        w.emit(f"{x0}.reshape(-1, {f}).mul_(2.0)")  # reaches x only when the reshape is a view
+        w.emit(f"h = {fc}({x0}.reshape(-1, {f})).view({lead}, {o})")
+    elif kind == "contiguous_copy":
+        w.emit(f"{x0}.contiguous().mul_(2.0)")  # a copy unless x is contiguous already
+        w.emit(f"h = {fc}({x0}.view(-1, {f}) if {x0}.is_contiguous() else "
+               f"{x0}.reshape(-1, {f})).view({lead}, {o})")
+    else:
+        w.emit(f"{x0}.transpose(0, -1).add_(1.0)")
+        w.emit(f"h = {fc}({x0}.reshape(-1, {f})).view({lead}, {o}) + {x0}.mean(-1, keepdim=True)")
+    w.shape = [*s[:-1], o]
+    return f"inplace:{kind}"
+
+
+def block_mode(w: Writer) -> str:
+    """A Python branch on ``self.training`` around a site (each mode its own graph)."""
+    s = w.shape
+    f, o = s[-1], w.size()
+    fc = w.module(f"nn.Linear({f}, {o})", "fc")
+    kind = w.pick(["scale", "dropout", "different_fold"])
+    w.emit("if self.training:")
+    if kind == "dropout":
+        drop = w.module("nn.Dropout(0.4)", "drop")
+        w.emit(f"    h = {drop}({fc}(h.reshape(-1, {f}))).view(*h.shape[:-1], {o})")
+    else:
+        w.emit(f"    h = {fc}(h.reshape(-1, {f})).view(*h.shape[:-1], {o}) * 2.0 + 1.0")
+    w.emit("else:")
+    if kind == "different_fold":
+        w.emit(f"    h = torch.tanh({fc}(h))")
+    else:
+        w.emit(f"    h = torch.tanh({fc}(h.reshape(-1, {f}))).view(*h.shape[:-1], {o})")
+    w.shape = [*s[:-1], o]
+    return f"mode:{kind}"
+
+
+def block_autocast(w: Writer) -> str:
+    """A site inside ``torch.autocast`` in forward: the original computes it in bfloat16."""
+    s = w.shape
+    f, o = s[-1], w.size()
+    fc = w.module(f"nn.Linear({f}, {o})", "fc")
+    w.emit("dt = h.dtype")
+    w.emit("with torch.autocast('cpu', dtype=torch.bfloat16):")
+    w.emit(f"    h = {fc}(h.reshape(-1, {f})).view(*h.shape[:-1], {o})")
+    w.emit("h = h.to(dt)")
+    w.shape = [*s[:-1], o]
+    return "autocast:inside"
+
+
 BLOCKS: dict[str, Callable[[Writer], str]] = {
     "fold": block_fold,
     "chfirst": block_chfirst,
     "conv": block_conv,
     "loop": block_loop,
     "matmul": block_matmul,
+    "dropfold": block_dropfold,
+    "inplace": block_inplace,
+    "mode": block_mode,
+    "autocast": block_autocast,
     "pointwise": block_pointwise,
 }
 
+#: how the example input is laid out in memory (the same values)
+LAYOUTS = {
+    "contiguous": "",
+    "strided": "x = x.permute(*reversed(range(x.dim()))).contiguous()"
+               ".permute(*reversed(range(x.dim())))",
+    "channels_last": "x = x.contiguous(memory_format=torch.channels_last)",
+}
+#: one extreme value planted in the example (verification must not be blinded by it)
+POISONS = {"": "", "nan": "float('nan')", "inf": "float('inf')", "huge": "1e8"}
+
 
 def _render(w: Writer, dtype: str, training: bool, shape: list[int], seed: int,
-            outputs: str) -> str:
+            outputs: str, layout: str = "contiguous", poison: str = "") -> str:
     init = "\n".join("        " + line for line in w.init) or "        pass"
     body = "\n".join("        " + line for line in w.fwd)
     dims = ", ".join(map(str, shape))
+    extra = ""
+    if poison:
+        at = (seed * 7 + 3) % math.prod(shape)
+        extra += f"\n    x.view(-1)[{at}] = {POISONS[poison]}"
+    if LAYOUTS[layout]:
+        extra += f"\n    {LAYOUTS[layout]}"
     return (HEADER + init + "\n\n    def forward(self, x):\n" + body + f"\n        return {outputs}\n"
             + textwrap.dedent(f"""
 
@@ -800,8 +927,8 @@ def _render(w: Writer, dtype: str, training: bool, shape: list[int], seed: int,
                 model = Generated().to(torch.{dtype})
                 model.train({training})
                 x = torch.randn({dims}, dtype=torch.float64).to(torch.{dtype})
-                return model, (x,)
-            """))
+            """) + textwrap.indent(extra.strip("\n"), "") + ("\n" if extra else "")
+            + "    return model, (x,)\n")
 
 
 @st.composite
@@ -827,13 +954,20 @@ def examples(draw: Callable[[st.SearchStrategy[Any]], Any],
         dtype = "float32"
     training = draw(st.booleans())
     seed = draw(st.integers(0, 3))
-    source = _render(w, dtype, training, shape, seed, outputs)
+    layout = draw(st.sampled_from(["contiguous"] * 6 + ["strided", "strided", "channels_last"]))
+    if layout == "channels_last" and rank != 4:
+        layout = "strided"
+    poison = draw(st.sampled_from([""] * 12 + ["nan", "inf", "huge"]))
+    source = _render(w, dtype, training, shape, seed, outputs, layout, poison)
     ex = Example(source, dtype, training, kinds)
-    # keep only models that accept their own example inputs
+    # keep only models that accept their own example inputs (and can be differentiated)
     try:
         model, inputs = ex.build()
         with torch.no_grad():
             model(*inputs)
+        xs = [x.detach().clone().requires_grad_() for x in inputs]
+        out = model(*xs)
+        sum(o.float().sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
     except Exception:
         assume(False)
     return ex
@@ -1002,6 +1136,12 @@ def alternative_shapes(shape: Sequence[int]) -> list[list[int]]:
     return out
 
 
+def _strided(x: Tensor) -> Tensor:
+    """The same values with the axes reversed in memory (non-contiguous)."""
+    rev = list(reversed(range(x.dim())))
+    return x.permute(*rev).contiguous().permute(*rev)
+
+
 def _with_shape(x: Tensor, shape: list[int], seed: int) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g, dtype=torch.float64).to(x.dtype)
@@ -1059,6 +1199,9 @@ def check_model(model: nn.Module, inputs: tuple[Tensor, ...], stats: Stats | Non
     flags = [(m, m.training) for root in models for m in root.modules()]
     sets: list[tuple[str, tuple[Tensor, ...]]] = [("example", inputs)]
     x = inputs[0]
+    other = x.contiguous() if not x.is_contiguous() else _strided(x)
+    if other.stride() != x.stride() and _accepts(model, (other,)):
+        sets.append(("example, other layout", (other,)))  # same values, other strides
     for i, shape in enumerate(alternative_shapes(list(x.shape))):
         if len(sets) > max_alternatives:
             break

@@ -52,6 +52,16 @@ def _prepare(model: Any, example_inputs: Any, example_kwargs: Any) -> Example | 
     return example
 
 
+def _site_guards(res: pl.ModeResult) -> None:
+    """Each rewritten site names the sizes its proof fixed, as the user reads them
+    (``args[0].shape[2] == 5``): where the spelling is time-distributed only at those sizes."""
+    where = res.program.checker.where if res.program is not None else {}
+    for match in res.accepted:
+        fixed = [f"{where.get(k, k)} == {v}" for k, v in match.guards.items()]
+        for site in match.sites:
+            site.guards = list(dict.fromkeys([*site.guards, *fixed]))
+
+
 def _run(model: nn.Module, example: Example, report: Report, optimize: bool,
          families: Sequence[Family] | None) -> list[pl.Part]:
     families = FAMILIES if families is None else families
@@ -66,6 +76,7 @@ def _run(model: nn.Module, example: Example, report: Report, optimize: bool,
             report.notes.extend(prefix + n for n in res.notes)
             if res.program is not None:
                 report.guards.extend(prefix + g for g in res.program.checker.guards())
+                _site_guards(res)
         sites = pl.settle(part, optimize, part.module.training)
         for s in sites:
             if part.path:

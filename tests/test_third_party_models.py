@@ -219,14 +219,14 @@ def test_ecapa_tdnn_pointwise_conv1d_rewritten():
 
 def test_speechbrain_linear_combine_dims():
     """``Linear(combine_dims=True)`` reshapes (B, T, 3, 4) -> (B, T, 12) before ``nn.Linear``:
-    the dense map covers two input axes, so there is nothing to rewrite; the result must still
-    be the original's."""
+    the leading (B, T) axes are kept, so it is the dense map over the two merged feature axes at
+    every position (issue 13, item 6): rewritten, and the result is still the original's."""
     model, args, kwargs = tm.speechbrain_linear()
     opt = tdd_fx.optimize(model, example_inputs=args, example_kwargs=kwargs)
     report = opt.tdd_report
     assert_clean(report)
     assert sites(report) <= {"w"}, str(report)
-    assert not report.rewritten, str(report)
+    assert [s.module for s in report.rewritten] == ["w"], str(report)
     assert_invariants(opt, model)
     assert_same_both_modes(opt, model, [(args, kwargs), ((torch.randn(3, 7, 3, 4),), {})])
 

@@ -57,7 +57,7 @@ class Context:
         if sympy.simplify(ea - eb) == 0:
             return True
         if not (ea.is_number or eb.is_number):
-            return False
+            return self._equal_fixing_one_side(ea, eb, guards)
         const, other = (ea, eb) if ea.is_number else (eb, ea)
         if other.xreplace(self.hints) != const:
             return False
@@ -65,12 +65,33 @@ class Context:
             guards[sym] = int(self.hints[sym])
         return True
 
+    def _equal_fixing_one_side(self, ea: Any, eb: Any, guards: dict[Any, int]) -> bool:
+        """``(B·m) // 5 == B`` once ``m`` is fixed to its example value 5 (a literal the user
+        wrote, ``view(-1, 5)``, made the capture divide by it): the sizes only one side uses
+        are guarded, and only while a size both sides use stays free.  Two bare sizes (``T``
+        against ``B``) are never made equal this way."""
+        if isinstance(ea, sympy.Symbol) and isinstance(eb, sympy.Symbol):
+            return False
+        if not ea.free_symbols & eb.free_symbols:
+            return False
+        one_sided = ea.free_symbols ^ eb.free_symbols
+        if not one_sided or any(s not in self.hints for s in one_sided):
+            return False
+        fix = {s: int(self.hints[s]) for s in one_sided}
+        if sympy.simplify(ea.xreplace(fix) - eb.xreplace(fix)) != 0:
+            return False
+        guards.update(fix)
+        return True
+
     def equal_shape(self, a: Any, b: Any, guards: dict[Any, int]) -> bool:
         if a is None or b is None:
             return False
         a, b = list(a), list(b)
         trial = dict(guards)
-        if len(a) != len(b) or not all(self.equal(x, y, trial) for x, y in zip(a, b)):
+        # pairs with a literal first: the guards they set decide the symbolic pairs
+        # (``view(-1, 5)`` against ``(B, m)``: m is fixed to 5, then B·m/5 is B)
+        pairs = sorted(zip(a, b), key=lambda p: not (expr(p[0]).is_number or expr(p[1]).is_number))
+        if len(a) != len(b) or not all(self.equal(x, y, trial) for x, y in pairs):
             return False
         guards.update(trial)
         return True

@@ -13,6 +13,19 @@ the unfolded tensor instead.  A *region* is everything reachable from the folds 
 it is rewritten only when every path ends in an unfold back to the same leading sizes
 (``reshape(*L, O)``, decided on PyTorch's symbolic sizes for every size the capture admits).
 
+The fold may also merge trailing axes into the features (``x.view(B*T, C, H, W).flatten(1)``
+over ``(B, T, C, H, W)``: ``L = (B, T)``, ``F = C·H·W``; applied to ``x.flatten(2)``), and the
+unfold may drop a size-1 feature axis (``view(B, m)`` after ``Linear(hw, 1)``, LSTNet's highway).
+A literal in the restore (``view(-1, 5)``) that only matches the example's sizes is a guard.
+
+Outside folds: ``nn.Linear`` between a permutation and its inverse (``fc(x.permute(0, 2, 1))
+.permute(0, 2, 1)``, ``fc(x.mT).mT``, ``fc(x.T).T``); a reshape that keeps the leading axes and
+merges trailing ones into the features before ``nn.Linear`` (speechbrain's ``combine_dims``);
+TFT-style scalar embeddings ``Linear(1, E)(x[..., i:i+1])``, one site per variable (one Linear
+shared by several variables is the loop family's loop over the feature axis).  An in-place op on
+the fold (``rows.relu_()``) is row-wise when the folded tensor is a fresh intermediate that
+nothing else reads.
+
 Not equivalent, and rejected with the reason: a restore that splits the rows differently
 (``view(-1, x.size(0), E)``), rows that stay folded (returned, summed over, attention between
 rows), rows mixed with a tensor from outside the fold, training-mode BatchNorm (statistics pooled
@@ -21,6 +34,7 @@ over all rows), an in-place op writing through the fold into the caller's tensor
 
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,8 +52,19 @@ from ..optables import (
     RESHAPES,
     UNARY,
     in_place,
+    is_op,
 )
-from .base import Context, Match, expr, op_label, product, rejected, render, same
+from .base import (
+    Context,
+    Match,
+    example_shape,
+    expr,
+    op_label,
+    product,
+    rejected,
+    render,
+    same,
+)
 
 aten = torch.ops.aten
 PATTERN = "reshape"
@@ -62,6 +87,9 @@ class Region:
     reason: str = ""
     culprit: fx.Node | None = None
     guards: dict[Any, int] = field(default_factory=dict)
+    #: folds that also merge several trailing axes into the features: fold node -> the first
+    #: merged axis of its source (``x.view(B*T, C, H, W).flatten(1)`` over ``(B, T, C, H, W)``)
+    merge: dict[fx.Node, int] = field(default_factory=dict)
 
     def members(self) -> set[fx.Node]:
         return set(self.folds) | set(self.nodes)
@@ -79,6 +107,44 @@ def fold_of(node: fx.Node, ctx: Context, guards: dict[Any, int]) -> fx.Node | No
     if not ctx.equal_shape(s_out, (product(s_in[:-1]), s_in[-1]), guards):
         return None
     return src
+
+
+def merged_fold_of(node: fx.Node, ctx: Context,
+                   guards: dict[Any, int]) -> tuple[fx.Node, int] | None:
+    """``(x, k)`` when ``node`` is 2-D and, through a chain of reshapes, lays ``x`` out as
+    ``(prod(x.shape[:k]), prod(x.shape[k:]))`` with ``2 <= k < rank - 1``: the leading ``k``
+    axes folded into rows, the trailing axes merged into the features of each row (row-major
+    order keeps each position's features together).  Else None."""
+    if node.op != "call_function" or node.target not in RESHAPES or ctx.rank(node) != 2:
+        return None
+    rows, feats = ctx.shape(node)
+    chain, src = [], node.args[0]
+    while isinstance(src, fx.Node) and len(chain) < 8:
+        chain.append(src)
+        if src.op != "call_function" or src.target not in _CHAIN_VIEWS:
+            break
+        src = src.args[0]
+    for x in reversed(chain):
+        s_in = ctx.shape(x)
+        for k in range(2, len(s_in or ()) - 1):
+            trial = dict(guards)
+            if (ctx.equal(rows, product(s_in[:k]), trial)
+                    and ctx.equal(feats, product(s_in[k:]), trial)):
+                guards.update(trial)
+                return x, k
+    return None
+
+
+#: ops a merged fold may pass through on its way from the source (row-major order kept)
+_CHAIN_VIEWS = RESHAPES | {aten.contiguous.default, aten.clone.default}
+
+
+def _chain_step(node: fx.Node) -> bool:
+    """Every reader of ``node``'s values is another reshape: a step of a longer chain, judged
+    where the chain ends."""
+    readers = [u for u in node.users if u.target not in METADATA]
+    return bool(readers) and all(u.op == "call_function" and u.target in _CHAIN_VIEWS
+                                 for u in readers)
 
 
 def loose_fold_of(node: fx.Node, ctx: Context) -> fx.Node | None:
@@ -157,15 +223,17 @@ class _Grow:
             if (shape is not None and len(shape) > 2
                     and ctx.equal_shape(shape[:-1], self.r.lead, self.r.guards)):
                 return "unfold"
+            if self._restores_without_features(shape, src):
+                return "unfold"
             if shape is not None and ctx.equal_shape(shape, (product(self.r.lead),
                                                              ctx.shape(src)[-1]), self.r.guards):
                 return "member"
-            return self._split(user, shape)
+            return self._split(user, shape, src)
         if t in (aten.t.default, aten.transpose.int, aten.permute.default):
             self.fail(user, f"{_op(user)} moves axes inside the fold: the rows are no longer "
                             "positions")
             return ""
-        if in_place(user) and src in self.r.folds:
+        if in_place(user) and src in self.r.folds and not _private_fold(src, user, self.r):
             self.fail(user, f"{_op(user)} writes through the fold into the tensor it was taken from")
             return ""
         t = IN_PLACE_OF.get(t, t)  # relu_ on rows a dense layer made: as relu, on the new rows
@@ -185,10 +253,23 @@ class _Grow:
                         "folded")
         return ""
 
-    def _split(self, user: fx.Node, shape: Any) -> str:
+    def _restores_without_features(self, shape: Any, src: fx.Node) -> bool:
+        """``view(B, m)`` of rows with one feature (``Linear(hw, 1)``): the leading axes
+        restored and the size-1 feature axis dropped (LSTNet's highway)."""
+        s_src, guards = self.ctx.shape(src), dict(self.r.guards)
+        if (shape is None or s_src is None or len(shape) != len(self.r.lead)
+                or not self.ctx.equal(s_src[-1], 1, guards)
+                or not self.ctx.equal_shape(shape, self.r.lead, guards)):
+            return False
+        self.r.guards.update(guards)
+        return True
+
+    def _split(self, user: fx.Node, shape: Any, src: fx.Node) -> str:
         lead = [expr(d) for d in self.r.lead]
-        got = [expr(d) for d in (shape or ())[:-1]]
-        if len(got) == len(lead) and sorted(map(str, got)) == sorted(map(str, lead)):
+        dims = list(shape or ())
+        one_feature = same((self.ctx.shape(src) or (0,))[-1], 1)
+        got = [expr(d) for d in (dims if one_feature and len(dims) == len(lead) else dims[:-1])]
+        if self._reordered(got, lead):
             self.fail(user, f"{_op(user)} restores the rows as {render(shape)}: the folded axes "
                             f"{render(self.r.lead)} in a different order, which scrambles "
                             "positions")
@@ -197,6 +278,16 @@ class _Grow:
                             f"split than the folded axes {render(self.r.lead)}: not "
                             "time-distributed")
         return ""
+
+    def _reordered(self, got: list[Any], lead: list[Any]) -> bool:
+        """``got`` is ``lead`` in another order (on the example's sizes where literals fix them)."""
+        if len(got) != len(lead):
+            return False
+        if sorted(map(str, got)) == sorted(map(str, lead)):
+            return True
+        return len(lead) <= 4 and any(
+            self.ctx.equal_shape(got, [lead[i] for i in perm], {})
+            for perm in itertools.permutations(range(len(lead))) if list(perm) != sorted(perm))
 
     def _other(self, user: fx.Node) -> str:
         self.fail(user, f"the rows stay folded into {_op(user)}")
@@ -263,13 +354,19 @@ def _regions(ctx: Context) -> list[Region]:
         if node in owner or node.name in ctx.claimed or ctx.canonical(node):
             continue
         guards: dict[Any, int] = {}
-        src = fold_of(node, ctx, guards)
+        src, k = fold_of(node, ctx, guards), None
+        if src is None:
+            src, k = merged_fold_of(node, ctx, guards) or (None, None)
         strict = src is not None
-        src = src if strict else loose_fold_of(node, ctx)
+        if not strict and not _chain_step(node):
+            src = loose_fold_of(node, ctx)
         if src is None:
             continue
-        region = Region(tuple(ctx.shape(src)[:-1]), strict, guards=guards)
+        region = Region(tuple(ctx.shape(src)[:-1] if k is None else ctx.shape(src)[:k]),
+                        strict, guards=guards)
         region.folds[node] = src
+        if k is not None:
+            region.merge[node] = k
         _absorb_sibling_folds(region, ctx, owner)
         _Grow(region, ctx).run()
         written = _written_after_fold(region, ctx)
@@ -282,6 +379,22 @@ def _regions(ctx: Context) -> list[Region]:
             owner[n] = region
         regions.append(region)
     return regions
+
+
+#: ops whose result is a new tensor, never a view of (or the same tensor as) an input
+_FRESH = (UNARY | BINARY | frozenset(DENSE)) - IDENTITY - {aten.to.dtype, aten.type_as.default}
+
+
+def _private_fold(fold: fx.Node, op: fx.Node, region: Region) -> bool:
+    """An in-place op on the fold writes only memory nobody else reads: the folded tensor is a
+    fresh intermediate (``(x * 2).view(-1, F).relu_()``, not an input, a parameter or a view of
+    one) read by nothing but the fold, and the fold read by nothing but the op — so writing it
+    in place is the op applied to the rows."""
+    src = region.folds[fold]
+    readers = [u for u in src.users if u.target not in METADATA]
+    fold_readers = [u for u in fold.users if u.target not in METADATA]
+    return (src.op == "call_function" and src.target in _FRESH and not in_place(src)
+            and readers == [fold] and fold_readers == [op] and op.args[0] is fold)
 
 
 def _written_after_fold(region: Region, ctx: Context) -> fx.Node | None:
@@ -318,6 +431,9 @@ def _emit(region_names: dict[str, Any]):  # noqa: ANN202
 
     def emit(rw: Any) -> None:
         folds = {rw[k]: rw[v] for k, v in region_names["folds"].items()}
+        for name, k in region_names["merge"].items():  # the merged features, unfolded
+            fold = rw[name]
+            folds[fold] = rw.call(aten.flatten.using_ints, (folds[fold], k, -1), before=fold)
         nodes = [rw[n] for n in region_names["nodes"]]
         unfolds = [rw[n] for n in region_names["unfolds"]]
         meta = [rw[n] for n in region_names["metadata"]]
@@ -325,8 +441,10 @@ def _emit(region_names: dict[str, Any]):  # noqa: ANN202
         for n in nodes:
             new[n] = _emit_one(rw, n, new)
         for u in unfolds:
-            src = u.args[0]
-            rw.replace(u, new[src])
+            value = new[u.args[0]]
+            if len(u.meta["val"].shape) < len(value.meta["val"].shape):  # drops the size-1 O
+                value = rw.call(aten.squeeze.dim, (value, -1), before=u, like=u)
+            rw.replace(u, value)
         for m in meta:  # size reads of folded rows: read a (free) folded view of the new value
             src = m.args[0]
             if src in new:
@@ -382,6 +500,9 @@ def _region_match(region: Region, ctx: Context) -> Match | None:
     for d in region.dense:
         site = ctx.site(DENSE[d.target], status, d, src, d, region.reason, fd=-1,
                         kernel="" if region.reason else "linear")
+        fold = next(iter(region.folds))
+        if fold in region.merge:  # the merged features, as the dense layer reads them
+            site.in_shape = example_shape((*region.lead, ctx.shape(fold)[-1]))
         if site.in_shape and site.out_shape:  # shapes as seen unfolded
             site.out_shape = (*site.in_shape[:-1], site.out_shape[-1])
         sites.append(site)
@@ -390,6 +511,7 @@ def _region_match(region: Region, ctx: Context) -> Match | None:
         "nodes": [n.name for n in region.nodes],
         "unfolds": [n.name for n in region.unfolds],
         "metadata": [n.name for n in region.metadata if n.args[0] in region.members()],
+        "merge": {k.name: v for k, v in region.merge.items()},
     }
     emit = None if region.reason else _emit(names)
     return Match(PATTERN, sites, [n.name for n in nodes], emit=emit, reason=region.reason,
@@ -410,7 +532,10 @@ def _wrapper_near_miss(region: Region, ctx: Context) -> Match | None:
 
 def _merged_features(node: fx.Node, ctx: Context) -> Match | None:
     """A dense layer after a reshape that merges the feature axis with others (``x.view(B, -1)``
-    into ``Linear(T * F, O)``): one dense map over the whole sequence, not per position."""
+    into ``Linear(T * F, O)``): one dense map over the whole sequence, not per position.  A
+    reshape that keeps the leading axes and merges only trailing ones into the features
+    (speechbrain's ``Linear(combine_dims=True)``: ``(B, T, C1, C2) -> (B, T, C1*C2)``) is the
+    dense map over the merged features at every position: a site."""
     src = _dense_input(node)
     if not (isinstance(src, fx.Node) and src.op == "call_function" and src.target in RESHAPES):
         return None
@@ -419,37 +544,118 @@ def _merged_features(node: fx.Node, ctx: Context) -> Match | None:
         return None
     if same(s_out[-1], s_in[-1]):
         return None
+    guards: dict[Any, int] = {}
+    if _keeps_leading_axes(s_in, s_out, ctx, guards) and _linear_of_state(node, ctx):
+        site = ctx.site(PATTERN, "found", node, src, node, fd=-1, kernel="linear")
+        return Match(PATTERN, [site], [node.name], emit=_emit_linear(node.name), guards=guards)
     reason = (f"the reshape {render(s_in)} -> {render(s_out)} before it merges the feature axis "
               f"({render(s_in[-1:])[1:-1]}) with other axes: one dense layer over all of them, not one "
               "per position")
     return rejected(ctx, DENSE[node.target], node, src.args[0], node, reason, [])
 
 
-_PERMS = (aten.transpose.int, aten.permute.default)
+def _keeps_leading_axes(s_in: Any, s_out: Any, ctx: Context, guards: dict[Any, int]) -> bool:
+    """``s_out`` is ``s_in`` with its trailing axes merged into the last one, at least two
+    leading axes kept (positions)."""
+    k = len(s_out) - 1
+    return (k >= 2 and ctx.equal_shape(s_out[:k], s_in[:k], guards)
+            and ctx.equal(s_out[-1], product(s_in[k:]), guards))
 
 
-def _channel_first(node: fx.Node, ctx: Context) -> Match | None:
-    """``fc(x.permute(0, 2, 1)).permute(0, 2, 1)``: nn.Linear between a permutation and its
-    inverse is the dense map along the axis the permutation moved last."""
+def _linear_of_state(node: fx.Node, ctx: Context) -> bool:
+    """``node`` is ``nn.Linear``'s op with a parameter (or buffer) weight and bias."""
     if node.target is not aten.linear.default:
-        return None
-    src = node.args[0]
-    users = list(node.users)
-    if not (isinstance(src, fx.Node) and src.target in _PERMS and len(users) == 1
-            and users[0].target in _PERMS and (ctx.rank(src) or 0) >= 3):
-        return None
+        return False
     w, b = _dense_weight(node)
-    if not ctx.state_source(w) or (isinstance(b, fx.Node) and not ctx.state_source(b)):
-        return None
-    name = node.name
+    return bool(ctx.state_source(w)) and not (isinstance(b, fx.Node) and not ctx.state_source(b))
+
+
+def _emit_linear(name: str):  # noqa: ANN202
+    """The ``linear`` node replaced by the canonical node on the same input (features last)."""
 
     def emit(rw: Any) -> None:
         n = rw[name]
         w, b = _dense_weight(n)
         rw.replace(n, rw.tdd(n.args[0], w, b, feature_dim=-1, site=name, before=n, like=n))
 
-    site = ctx.site(PATTERN, "found", node, src.args[0], users[0], fd=1, kernel="linear")
-    return Match(PATTERN, [site], [name], emit=emit)
+    return emit
+
+
+#: permutations of axes a channel-first dense layer is wrapped in (``mT``: the last two axes,
+#: ``numpy_T``: ``x.T``, every axis reversed)
+_PERMS = (aten.transpose.int, aten.permute.default, aten.mT.default, aten.numpy_T.default,
+          aten.t.default)
+
+
+def _moved_last(node: fx.Node, rank: int) -> int:
+    """The axis of the permutation's input that it moves last."""
+    if node.target is aten.permute.default:
+        return int(node.args[1][-1]) % rank
+    if node.target is aten.transpose.int:
+        a, b = (int(d) % rank for d in node.args[1:3])
+        return b if a == rank - 1 else a if b == rank - 1 else rank - 1
+    return rank - 2 if node.target is aten.mT.default else 0
+
+
+def _channel_first(node: fx.Node, ctx: Context) -> Match | None:
+    """``fc(x.permute(0, 2, 1)).permute(0, 2, 1)``, ``fc(x.mT).mT``, ``fc(x.T).T``: nn.Linear
+    between a permutation and its inverse is the dense map along the axis the permutation moved
+    last (the Linear is kept on the permuted view: the same function for any permutation)."""
+    src = node.args[0]
+    users = list(node.users)
+    rank = ctx.rank(src) or 0
+    if not (isinstance(src, fx.Node) and src.target in _PERMS and len(users) == 1
+            and users[0].target in _PERMS and rank >= 2 and _linear_of_state(node, ctx)):
+        return None
+    fd = _moved_last(src, rank)
+    site = ctx.site(PATTERN, "found", node, src.args[0], users[0], fd=fd, kernel="linear")
+    return Match(PATTERN, [site], [node.name], emit=_emit_linear(node.name))
+
+
+def _last_axis_pick(a: Any, ctx: Context) -> tuple[fx.Node, str] | None:
+    """``(x, kind)`` when ``a`` reads one variable of the last axis of ``x`` (rank >= 3):
+    ``x[..., i:i+1]`` or ``x[..., i].unsqueeze(-1)`` (kind "slice", the feature axis kept) or
+    ``x[..., i]`` (kind "select", the axis gone)."""
+    kind = "slice"
+    if is_op(a, {aten.unsqueeze.default}) and int(a.args[1]) in (-1, (ctx.rank(a) or 0) - 1):
+        a = a.args[0]
+        if not is_op(a, {aten.select.int}):
+            return None
+    elif is_op(a, {aten.select.int}):
+        kind = "select"
+    elif not (is_op(a, {aten.slice.Tensor}) and (len(a.args) < 5 or a.args[4] == 1)):
+        return None
+    x = a.args[0]
+    rank = ctx.rank(x) or 0
+    if rank < 3 or int(a.args[1]) % rank != rank - 1:
+        return None
+    return x, kind
+
+
+def _per_variable(ctx: Context, owned: set[fx.Node]) -> list[Match]:
+    """TFT-style scalar embeddings: ``Linear(1, E)`` of ``x[..., i:i+1]``, one per variable,
+    each a dense map at every position of the other axes (a site of its own).  One Linear
+    shared by several variables is a loop over the feature axis (the loop family's near-miss);
+    ``x[..., i]`` without the kept axis makes the Linear contract the next axis (time)."""
+    picks: list[tuple[fx.Node, str, fx.Node]] = []
+    for node in ctx.unclaimed({aten.linear.default}):
+        pick = _last_axis_pick(node.args[0], ctx) if node not in owned else None
+        if pick is not None and _linear_of_state(node, ctx):
+            picks.append((node, pick[1], pick[0]))
+    weights = [ctx.state_source(node.args[1]) for node, _, _ in picks]
+    return [_variable_site(node, kind, x, ctx) for node, kind, x in picks
+            if weights.count(ctx.state_source(node.args[1])) == 1]
+
+
+def _variable_site(node: fx.Node, kind: str, x: fx.Node, ctx: Context) -> Match:
+    if kind == "slice":
+        site = ctx.site(PATTERN, "found", node, node.args[0], node, fd=-1, kernel="linear")
+        return Match(PATTERN, [site], [node.name], emit=_emit_linear(node.name))
+    shape = ctx.shape(x)
+    reason = (f"{op_label(node)} reads one variable's whole series (x[..., i] of x {render(shape)}) "
+              f"as its features: it contracts axis {len(shape) - 2} of {render(shape[-2:-1])[1:-1]} "
+              "positions, one dense map over the positions, not one per position")
+    return rejected(ctx, PATTERN, node, x, node, reason, [node])
 
 
 class ReshapeFamily:
@@ -471,4 +677,6 @@ class ReshapeFamily:
             m = _merged_features(node, ctx) or _channel_first(node, ctx)
             if m is not None:
                 out.append(m)
+                owned.add(node)
+        out.extend(_per_variable(ctx, owned))
         return out

@@ -148,8 +148,8 @@ def _parse_device(text: str) -> torch.device:
 
 # --- the parser ------------------------------------------------------------------------------
 
-def build_parser(prog: str = "tdd-fx") -> argparse.ArgumentParser:
-    """The ``tdd-fx`` argument parser, with its ``audit`` and ``optimize`` subcommands."""
+def _common_parser() -> argparse.ArgumentParser:
+    """The arguments ``audit`` and ``optimize`` share: target, inputs, mode, report format."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("target", metavar="TARGET",
                         help="pkg.module:attr, path/to/file.py:attr, or a saved module *.pt/*.pth")
@@ -177,7 +177,11 @@ def build_parser(prog: str = "tdd-fx") -> argparse.ArgumentParser:
                         help="seed for building the model and drawing the inputs (default 0)")
     common.add_argument("--traceback", action="store_true",
                         help="on an error, also print the full Python traceback")
+    return common
 
+
+def build_parser(prog: str = "tdd-fx") -> argparse.ArgumentParser:
+    """The ``tdd-fx`` argument parser, with its ``audit`` and ``optimize`` subcommands."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Find hand-written time-distributed dense layers in a PyTorch model\n"
@@ -187,7 +191,12 @@ def build_parser(prog: str = "tdd-fx") -> argparse.ArgumentParser:
     from . import __version__
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_commands(sub, _common_parser())
+    return parser
 
+
+def _add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The ``audit`` and ``optimize`` subcommands, each with the ``common`` arguments."""
     audit = sub.add_parser(
         "audit", parents=[common], epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         help="find and prove sites, explain near-misses; the model is not changed",
@@ -208,7 +217,6 @@ def build_parser(prog: str = "tdd-fx") -> argparse.ArgumentParser:
                     "torch.load(path, weights_only=False)).")
     optimize.add_argument("--output", "-o", required=True, type=Path, metavar="PATH",
                           help="where to torch.save the optimized module, like model_tdd.pt")
-    return parser
 
 
 # --- loading the target ----------------------------------------------------------------------
@@ -411,33 +419,8 @@ def _render(report: Any, fmt: str) -> str:
 def _run(args: argparse.Namespace) -> int:
     import tdd_fx
 
-    device: torch.device = args.device
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError(f"--device {device}: CUDA is not available on this machine", EXIT_USAGE)
-    dtypes = args.dtypes or []
-    if len(dtypes) > 1 and len(dtypes) != len(args.inputs):
-        raise CliError(f"{len(dtypes)} --dtype for {len(args.inputs)} --input: give --dtype once "
-                       "(for all inputs) or once per --input", EXIT_USAGE)
-    if args.command == "optimize" and args.output.is_dir():
-        raise CliError(f"--output {args.output} is a directory: give a file path like "
-                       f"{args.output / 'model.pt'}", EXIT_USAGE)
-
-    torch.manual_seed(args.seed)
-    loaded = load_target_with_inputs(args.target, device)
-    model, f_args, f_kwargs = loaded if isinstance(loaded, tuple) else (loaded, None, None)
-    try:
-        model = model.to(device)
-    except Exception as exc:
-        raise CliError(f"cannot move the model to {device}: {_describe(exc)}", EXIT_INTERNAL) from exc
-    model.train(args.train)
-    if args.inputs:
-        inputs, kwargs = make_example(args.inputs, dtypes, device, args.seed)
-    elif f_args is not None:
-        inputs, kwargs = f_args, f_kwargs or {}
-    else:
-        raise CliError("no example inputs: give --input SHAPE (or NAME=SHAPE:DTYPE), or a TARGET "
-                       "factory returning (model, args, kwargs)", EXIT_USAGE)
-
+    _check_args(args)
+    model, inputs, kwargs = _model_and_inputs(args)
     try:
         if args.command == "audit":
             report = tdd_fx.audit(model, inputs, kwargs)
@@ -452,18 +435,57 @@ def _run(args: argparse.Namespace) -> int:
 
     print(_render(report, args.format))
     if result is not None:
-        try:
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(result, args.output)
-        except Exception as exc:
-            args.output.unlink(missing_ok=True)  # no truncated file left behind
-            raise CliError(f"cannot save the optimized module to {args.output}: {_describe(exc)}",
-                           EXIT_INTERNAL) from exc
-        print(f"saved the optimized module to {args.output} "
-              "(load it with torch.load(path, weights_only=False))", file=sys.stderr)
+        _save(result, args.output)
     if args.command == "audit" and args.fail_on_sites and report.found:
         return EXIT_SITES
     return EXIT_OK
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Usage errors argparse cannot see: the device, the --dtype count, --output."""
+    device: torch.device = args.device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {device}: CUDA is not available on this machine", EXIT_USAGE)
+    dtypes = args.dtypes or []
+    if len(dtypes) > 1 and len(dtypes) != len(args.inputs):
+        raise CliError(f"{len(dtypes)} --dtype for {len(args.inputs)} --input: give --dtype once "
+                       "(for all inputs) or once per --input", EXIT_USAGE)
+    if args.command == "optimize" and args.output.is_dir():
+        raise CliError(f"--output {args.output} is a directory: give a file path like "
+                       f"{args.output / 'model.pt'}", EXIT_USAGE)
+
+
+def _model_and_inputs(args: argparse.Namespace) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """The target on its device and in its mode, with the example inputs (args, kwargs)."""
+    device: torch.device = args.device
+    torch.manual_seed(args.seed)
+    loaded = load_target_with_inputs(args.target, device)
+    model, f_args, f_kwargs = loaded if isinstance(loaded, tuple) else (loaded, None, None)
+    try:
+        model = model.to(device)
+    except Exception as exc:
+        raise CliError(f"cannot move the model to {device}: {_describe(exc)}", EXIT_INTERNAL) from exc
+    model.train(args.train)
+    if args.inputs:
+        inputs, kwargs = make_example(args.inputs, args.dtypes or [], device, args.seed)
+    elif f_args is not None:
+        inputs, kwargs = f_args, f_kwargs or {}
+    else:
+        raise CliError("no example inputs: give --input SHAPE (or NAME=SHAPE:DTYPE), or a TARGET "
+                       "factory returning (model, args, kwargs)", EXIT_USAGE)
+    return model, inputs, kwargs
+
+
+def _save(result: nn.Module, path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(result, path)
+    except Exception as exc:
+        path.unlink(missing_ok=True)  # no truncated file left behind
+        raise CliError(f"cannot save the optimized module to {path}: {_describe(exc)}",
+                       EXIT_INTERNAL) from exc
+    print(f"saved the optimized module to {path} "
+          "(load it with torch.load(path, weights_only=False))", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "tdd-fx") -> int:

@@ -150,61 +150,92 @@ def verify_mode(model: nn.Module, example: Example, captured: Captured, proved: 
     result = ModeResult(captured.training, None, [], flags)
     if not proved:  # nothing to rewrite: this mode keeps running the original code
         return result
-    base, _ = build_program(captured, [], names, flags)
-    sets = [example, *tamed(model, example)]
-    alt = alternative(model, example, base, {s for m in proved for s in m.guards})
-    if alt is not None:
-        sets.append(alt)
-    else:
-        result.notes.append("no second input set with other sizes was accepted: verified on "
-                            "the example inputs only")
-    with preserved([model]):
-        for m, f in zip(model.modules(), flags):
-            m.training = f
-        ref64 = fp64_reference(model)
-        ref = reference(model, sets, ref64)
-    last: dict[str, Any] = {}
-
-    def check(matches: list[Match]) -> bool:
-        try:
-            program, kernels = build_program(captured, matches, names, flags)
-            v = _verify_program(model, program, sets, ref, flags)
-        except Exception as exc:
-            v, program, kernels = Verdict(False, float("inf"),
-                                          f"rewrite failed: {type(exc).__name__}: {exc}"), None, {}
-        last.update(v=v, program=program, kernels=kernels)
-        return v.ok
-
-    def bisect(cands: list[Match], accepted: list[Match]) -> list[Match]:
-        if not cands or check(accepted + cands):
-            return cands
-        if len(cands) == 1:
-            result.rolled_back[id(cands[0])] = f"verification failed: {last['v'].detail}"
-            return []
-        mid = len(cands) // 2
-        left = bisect(cands[:mid], accepted)
-        return left + bisect(cands[mid:], accepted + left)
-
-    if proved and check(proved):
+    sets = _input_sets(model, example, captured, proved, names, flags, result.notes)
+    trial = _Trial(model, captured, names, flags, sets, _mode_reference(model, flags, sets))
+    if trial.check(proved):
         good = proved
-    elif not check([]):
-        result.verdict = last["v"]
+    elif not trial.check([]):
+        result.verdict = trial.verdict
         result.notes.append(f"the captured graph does not reproduce the model in "
-                            f"{_mode(captured.training)} mode ({last['v'].detail})")
+                            f"{_mode(captured.training)} mode ({trial.verdict.detail})")
         result.rolled_back = {id(m): "the captured graph does not reproduce the model"
                               for m in proved}
         return result
     else:
-        good = bisect(proved, [])
-        check(good)
-    result.accepted, result.verdict = good, last["v"]
-    result.program, result.kernels = last["program"], last["kernels"]
+        good = _bisect(trial, proved, [], result.rolled_back)
+        trial.check(good)
+    result.accepted, result.verdict = good, trial.verdict
+    result.program, result.kernels = trial.program, trial.kernels
     if result.program is not None and good:
         try:
             result.site_errors = site_errors(model, captured, result.program, example)
         except Exception:  # a per-site figure is a report detail; the model is verified whole
             result.site_errors = {}
     return result
+
+
+def _input_sets(model: nn.Module, example: Example, captured: Captured, proved: list[Match],
+                names: list[str], flags: tuple[bool, ...], notes: list[str]) -> list[Example]:
+    """The example (and, when its values are extreme, the same sizes with tame values), and a
+    second input set with other sizes when one is accepted."""
+    base, _ = build_program(captured, [], names, flags)
+    alt = alternative(model, example, base, {s for m in proved for s in m.guards})
+    tame = tamed(model, example)
+    if alt is not None:
+        return [example, *tame, alt]
+    if tame:
+        return [example, *tame]
+    notes.append("no second input set with other sizes was accepted: verified on "
+                 "the example inputs only")
+    return [example]
+
+
+def _mode_reference(model: nn.Module, flags: tuple[bool, ...], sets: list[Example]) -> Reference:
+    """The original's results (and its float64 copy's) on ``sets``, in the mode of ``flags``."""
+    with preserved([model]):
+        for m, f in zip(model.modules(), flags):
+            m.training = f
+        ref64 = fp64_reference(model)
+        return reference(model, sets, ref64)
+
+
+@dataclass
+class _Trial:
+    """Builds and verifies one set of matches at a time; keeps the last attempt's results."""
+
+    model: nn.Module
+    captured: Captured
+    names: list[str]
+    flags: tuple[bool, ...]
+    sets: list[Example]
+    ref: Reference
+    verdict: Verdict = field(default_factory=lambda: Verdict(False, float("inf"), "not run"))
+    program: Program | None = None
+    kernels: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+    def check(self, matches: list[Match]) -> bool:
+        try:
+            program, kernels = build_program(self.captured, matches, self.names, self.flags)
+            v = _verify_program(self.model, program, self.sets, self.ref, self.flags)
+        except Exception as exc:
+            v, program, kernels = Verdict(False, float("inf"),
+                                          f"rewrite failed: {type(exc).__name__}: {exc}"), None, {}
+        self.verdict, self.program, self.kernels = v, program, kernels
+        return v.ok
+
+
+def _bisect(trial: _Trial, cands: list[Match], accepted: list[Match],
+            rolled_back: dict[int, str]) -> list[Match]:
+    """The candidates that verify together with ``accepted``, found by halving; each one that
+    fails alone is rolled back with the verdict's detail."""
+    if not cands or trial.check(accepted + cands):
+        return cands
+    if len(cands) == 1:
+        rolled_back[id(cands[0])] = f"verification failed: {trial.verdict.detail}"
+        return []
+    mid = len(cands) // 2
+    left = _bisect(trial, cands[:mid], accepted, rolled_back)
+    return left + _bisect(trial, cands[mid:], accepted + left, rolled_back)
 
 
 class _Recorder(fx.Interpreter):

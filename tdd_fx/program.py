@@ -80,16 +80,25 @@ class InputChecker:
             raise CallMismatch(f"{len(flat)} input leaves instead of {len(self.leaves)}")
         for i, ((kind, info), x) in enumerate(zip(self.leaves, flat)):
             if kind == "tensor":
-                if not isinstance(x, Tensor):
-                    raise CallMismatch(f"{self.names[i]} is a {type(x).__name__}, captured as a "
-                                       "tensor")
-                if (x.dim(), x.dtype, x.device.type) != info:
-                    raise CallMismatch(f"{self.names[i]} is {x.dim()}-D {x.dtype} on "
-                                       f"{x.device.type}, captured as {info[0]}-D {info[1]} on "
-                                       f"{info[2]}")
+                if not isinstance(x, Tensor) or (x.dim(), x.dtype, x.device.type) != info:
+                    raise self._tensor_mismatch(i, x, info)
             elif type(x) is not type(info) or x != info:
                 got = f"a {type(x).__name__}" if isinstance(x, Tensor) else repr(x)
                 raise CallMismatch(f"{self.names[i]} is {got}, captured at {info!r}")
+        bound = self._bind_sizes(flat)
+        for s, v in self.fixed.items():
+            if bound.get(s, v) != v:
+                raise CallMismatch(f"{self.where.get(s, s)} is {bound[s]}; a rewrite relied on "
+                                   f"it being {v}")
+
+    def _tensor_mismatch(self, i: int, x: Any, info: Any) -> CallMismatch:
+        if not isinstance(x, Tensor):
+            return CallMismatch(f"{self.names[i]} is a {type(x).__name__}, captured as a tensor")
+        return CallMismatch(f"{self.names[i]} is {x.dim()}-D {x.dtype} on {x.device.type}, "
+                            f"captured as {info[0]}-D {info[1]} on {info[2]}")
+
+    def _bind_sizes(self, flat: list[Any]) -> dict[Any, int]:
+        """Each symbol's size in this call, after checking every size the plan covers."""
         bound: dict[Any, int] = {}
         for i, d, e in self.plan:
             size = flat[i].shape[d]
@@ -97,23 +106,21 @@ class InputChecker:
                 if size != e:
                     raise CallMismatch(f"{self.names[i]}.shape[{d}] is {size}; the capture fixed "
                                        f"it at {e}")
-                continue
-            if isinstance(e, sympy.Symbol) and e not in bound:
+            elif isinstance(e, sympy.Symbol) and e not in bound:
                 lo, hi = self.ranges.get(e, (0, None))
-                lo = lo or 0
-                if size < lo or (hi is not None and size > hi):
-                    raise CallMismatch(f"{self.names[i]}.shape[{d}] is {size}, outside the "
-                                       f"captured range [{lo}, {hi if hi is not None else 'inf'}]")
+                if size < (lo or 0) or (hi is not None and size > hi):
+                    raise self._out_of_range(i, d, size, lo or 0, hi)
                 bound[e] = size
-                continue
-            want = sympy.sympify(e.xreplace(bound) if isinstance(e, sympy.Basic) else e)
-            if not want.is_Integer or int(want) != size:
-                raise CallMismatch(f"{self.names[i]}.shape[{d}] is {size}; the capture needs "
-                                   f"{e} = {want}")
-        for s, v in self.fixed.items():
-            if bound.get(s, v) != v:
-                raise CallMismatch(f"{self.where.get(s, s)} is {bound[s]}; a rewrite relied on "
-                                   f"it being {v}")
+            else:
+                want = sympy.sympify(e.xreplace(bound) if isinstance(e, sympy.Basic) else e)
+                if not want.is_Integer or int(want) != size:
+                    raise CallMismatch(f"{self.names[i]}.shape[{d}] is {size}; the capture "
+                                       f"needs {e} = {want}")
+        return bound
+
+    def _out_of_range(self, i: int, d: int, size: int, lo: int, hi: int | None) -> CallMismatch:
+        return CallMismatch(f"{self.names[i]}.shape[{d}] is {size}, outside the captured range "
+                            f"[{lo}, {hi if hi is not None else 'inf'}]")
 
 
 class Program:

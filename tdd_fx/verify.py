@@ -143,49 +143,31 @@ def compare(orig: dict[str, Tensor | None], cand: dict[str, Tensor | None],
     """Apply the tolerance rule to every output and gradient."""
     if orig.keys() != cand.keys():
         missing = sorted(set(orig) ^ set(cand))
-        return Verdict(False, float("inf"), f"outputs/gradients differ in kind: {missing[:4]}")
+        return _failed(f"outputs/gradients differ in kind: {missing[:4]}")
     worst = frac = 0.0
-    overall = max((_finite_max(t) for t in (ref or orig).values()
-                   if t is not None and t.is_floating_point() and t.numel()), default=1.0)
+    overall = _overall_scale(ref or orig)
     for k, a in orig.items():
-        c = cand[k]
-        if a is None or c is None:
-            if (a is None) != (c is None) and not _is_zero(a if c is None else c):
-                return Verdict(False, float("inf"), f"{k}: present in only one model")
-            continue
-        if a.shape != c.shape:
-            return Verdict(False, float("inf"), f"{k}: shape {tuple(c.shape)} != {tuple(a.shape)}")
-        if not a.is_floating_point():
-            if not torch.equal(a, c):
-                return Verdict(False, float("inf"), f"{k}: values differ")
-            continue
         r = ref.get(k) if ref is not None else None
-        r64 = (r if r is not None and r.shape == a.shape else a).double()
-        differ = _non_finite_differ(a, c)
-        if differ:
-            return Verdict(False, float("inf"), f"{k}: {differ}")
-        finite = torch.isfinite(a)
-        if not bool(finite.all()):  # the same NaN/Inf in both: compare every other element
-            a, c, r64 = a[finite], c[finite], r64[finite]
-        r64 = torch.where(torch.isfinite(r64), r64, a.double())  # float64 overflowed elsewhere
-        scale = float(r64.abs().max()) if r64.numel() else 0.0
-        scale = scale if scale > 0 else 1.0
-        e_orig = float((a.double() - r64).abs().max()) if a.numel() else 0.0
-        e_cand = float((c.double() - r64).abs().max()) if c.numel() else 0.0
-        eps = torch.finfo(c.dtype).eps
-        floor = 64 * eps * scale
-        # the original's own error widens the tolerance, up to a ceiling no real error passes
-        # (relative to this tensor, or to the model's largest value for a tensor that is zero
-        # in exact arithmetic, like the gradient of a bias before a BatchNorm)
-        tol = e_orig + min(3 * e_orig, max(CEILING * scale, 64 * eps * overall)) + floor
+        got = _compare_one(k, a, cand[k], r, overall)
+        if isinstance(got, Verdict):
+            return got
+        if got is None:  # nothing to measure: equal non-floating values, or absent in both
+            continue
+        rel, used = got
         if k.startswith("output"):
-            worst = max(worst, e_cand / scale)
-        frac = max(frac, e_cand / tol)
-        if e_cand > tol:
-            return Verdict(False, e_cand / scale,
-                           f"{k}: error {e_cand:.2e} vs the original's {e_orig:.2e} "
-                           f"(against float64, scale {scale:.2e})", tolerance_used=e_cand / tol)
+            worst = max(worst, rel)
+        frac = max(frac, used)
     return Verdict(True, worst, "", len(orig), frac)
+
+
+def _failed(detail: str) -> Verdict:
+    return Verdict(False, float("inf"), detail)
+
+
+def _overall_scale(values: dict[str, Tensor | None]) -> float:
+    """The model's largest floating value (1 when it has none)."""
+    return max((_finite_max(t) for t in values.values()
+                if t is not None and t.is_floating_point() and t.numel()), default=1.0)
 
 
 def _finite_max(t: Tensor) -> float:
@@ -206,6 +188,56 @@ def _non_finite_differ(a: Tensor, c: Tensor) -> str:
                 and torch.equal(ai.nan_to_num(0.0), ci.nan_to_num(0.0))):
             return "NaN/Inf differ from the original's"
     return ""
+
+
+def _compare_one(k: str, a: Tensor | None, c: Tensor | None, r: Tensor | None,
+                 overall: float) -> Verdict | tuple[float, float] | None:
+    """One output or gradient: a failing verdict, None when there is nothing to measure, or
+    (error relative to its scale, fraction of the tolerance used)."""
+    if a is None or c is None:
+        if (a is None) != (c is None) and not _is_zero(a if c is None else c):
+            return _failed(f"{k}: present in only one model")
+        return None
+    if a.shape != c.shape:
+        return _failed(f"{k}: shape {tuple(c.shape)} != {tuple(a.shape)}")
+    if not a.is_floating_point():
+        return None if torch.equal(a, c) else _failed(f"{k}: values differ")
+    return _compare_float(k, a, c, r, overall)
+
+
+def _max_error(t: Tensor, r64: Tensor) -> float:
+    return float((t.double() - r64).abs().max()) if t.numel() else 0.0
+
+
+def _compare_float(k: str, a: Tensor, c: Tensor, r: Tensor | None,
+                   overall: float) -> Verdict | tuple[float, float] | None:
+    """A floating tensor against the float64 reference ``r`` (or the original's own ``a``)."""
+    r64 = (r if r is not None and r.shape == a.shape else a).double()
+    differ = _non_finite_differ(a, c)
+    if differ:
+        return _failed(f"{k}: {differ}")
+    finite = torch.isfinite(a)
+    if not bool(finite.all()):  # the same NaN/Inf in both: compare every other element
+        a, c, r64 = a[finite], c[finite], r64[finite]
+    r64 = torch.where(torch.isfinite(r64), r64, a.double())  # float64 overflowed elsewhere
+    scale = float(r64.abs().max()) if r64.numel() else 0.0
+    scale = scale if scale > 0 else 1.0
+    e_orig, e_cand = _max_error(a, r64), _max_error(c, r64)
+    tol = _tolerance(e_orig, scale, overall, torch.finfo(c.dtype).eps)
+    if e_cand > tol:
+        return Verdict(False, e_cand / scale,
+                       f"{k}: error {e_cand:.2e} vs the original's {e_orig:.2e} "
+                       f"(against float64, scale {scale:.2e})", tolerance_used=e_cand / tol)
+    return e_cand / scale, e_cand / tol
+
+
+def _tolerance(e_orig: float, scale: float, overall: float, eps: float) -> float:
+    """The largest error a candidate may have: the original's own error widens the tolerance,
+    up to a ceiling no real error passes (relative to this tensor, or to the model's largest
+    value for a tensor that is zero in exact arithmetic, like the gradient of a bias before a
+    BatchNorm)."""
+    floor = 64 * eps * scale
+    return e_orig + min(3 * e_orig, max(CEILING * scale, 64 * eps * overall)) + floor
 
 
 def _is_zero(t: Tensor | None) -> bool:

@@ -4,20 +4,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from zoo import Wrap as TimeDistributed  # the Keras-port wrapper
 
 FEAT, HIDDEN, OUT = 6, 5, 3
-
-
-class TimeDistributed(nn.Module):
-    """The Keras-port wrapper: fold the leading axes, apply ``module``, unfold."""
-
-    def __init__(self, module: nn.Linear) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.module(x.contiguous().view(-1, x.size(-1)))
-        return y.view(x.size(0), -1, self.module.out_features)
 
 
 class Wrapped(nn.Module):

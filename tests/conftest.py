@@ -36,6 +36,20 @@ def assert_equivalent(opt: torch.nn.Module, model: torch.nn.Module, inputs: tupl
             torch.testing.assert_close(y, x, **tol)
 
 
+def optimize_twice(model: torch.nn.Module, inputs: tuple,
+                   rewritten: int | None = None) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``optimize`` and ``optimize`` of its result: the second pass rewrites nothing more.
+    ``rewritten``: how many sites the first pass must rewrite."""
+    import tdd_fx
+
+    once = tdd_fx.optimize(model, inputs)
+    if rewritten is not None:
+        assert len(once.tdd_report.rewritten) == rewritten, str(once.tdd_report)
+    twice = tdd_fx.optimize(once, inputs)
+    assert [s.where for s in twice.tdd_report.rewritten] == []
+    return once, twice
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

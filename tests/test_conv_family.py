@@ -15,7 +15,6 @@ from conftest import assert_equivalent
 from conv_models import (  # noqa: E402
     FALLBACK,
     FEAT,
-    LAYOUT,
     OUT,
     B,
     C,
@@ -23,6 +22,12 @@ from conv_models import (  # noqa: E402
     T,
     assert_same_layer,
     aten,
+    canonical_nodes,
+    conv_nodes,
+    data_nodes,
+    layout_ops_on_data,
+    rewritten_graphs,
+    sample,
 )
 from conv_models import call as _call  # noqa: E402
 from torch import nn
@@ -30,7 +35,6 @@ from torch import nn
 import tdd_fx
 from tdd_fx.capture import node_module_path
 from tdd_fx.ops import time_distributed_dense
-from tdd_fx.optables import CONV_TRANSPOSES, CONVS
 
 #: name -> (forward, conv factory, input shape, bigger input shape, the layout ops left on the
 #: data path, each next to the canonical node: "permute" where the output's layout differs from
@@ -94,43 +98,9 @@ POSITIVE: dict[str, tuple[Callable[..., torch.Tensor], Callable[[], nn.Module],
 }
 
 
-def _input(shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-
-
 def _make(name: str) -> tuple[Holder, torch.Tensor]:
     fn, factory, shape, _, _ = POSITIVE[name]
-    return Holder(fn, factory()), _input(shape)
-
-
-def _graphs(opt: nn.Module) -> list[fx.GraphModule]:
-    """Every rewritten graph of ``opt`` (one per captured mode); [] when nothing was installed."""
-    return list(tdd_fx.graphs(opt).get("", {}).values())
-
-
-def _canonical(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.target is time_distributed_dense]
-
-
-def _conv_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes
-            if n.op == "call_function" and n.target in CONVS | CONV_TRANSPOSES]
-
-
-def _data_nodes(gm: fx.GraphModule) -> set[fx.Node]:
-    """Nodes computed from the input ``x`` (the last placeholder: the leading ones are
-    parameters and buffers, whose views are free)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    live = {placeholders[-1]}
-    for n in gm.graph.nodes:
-        if any(a in live for a in n.all_input_nodes):
-            live.add(n)
-    return live
-
-
-def _layout_ops_on_data(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n in _data_nodes(gm) and n.op == "call_function"
-            and getattr(n.target, "overloadpacket", None) in LAYOUT]
+    return Holder(fn, factory()), sample(shape)
 
 
 def _op(n: fx.Node) -> str:
@@ -155,17 +125,17 @@ def test_conv_spelling_is_rewritten(name: str, training: bool) -> None:
     assert report.verified is True
     assert opt.training is training
     assert set(tdd_fx.graphs(opt)[""]) == {"train", "eval"}
-    for gm in _graphs(opt):  # both modes: one canonical node, no conv left
-        assert len(_canonical(gm)) == 1, gm.code
-        assert not _conv_nodes(gm), gm.code
+    for gm in rewritten_graphs(opt):  # both modes: one canonical node, no conv left
+        assert len(canonical_nodes(gm)) == 1, gm.code
+        assert not conv_nodes(gm), gm.code
     # the same layer (parameters, outputs, gradients), also at other sizes: the proof holds
     # there and the optimized graph itself runs
-    assert_same_layer(opt, model, x, _input(POSITIVE[name][3], seed=2))
+    assert_same_layer(opt, model, x, sample(POSITIVE[name][3], seed=2))
     # the sandwich is gone: only the expected layout op is left on the data path, next to the
     # canonical node
     gm = tdd_fx.graph_of(opt)
-    (node,) = _canonical(gm)
-    left = _layout_ops_on_data(gm)
+    (node,) = canonical_nodes(gm)
+    left = layout_ops_on_data(gm)
     assert sorted(_op(n) for n in left) == sorted(POSITIVE[name][4]), gm.code
     for n in left:
         assert n is node.args[0] or n in node.users, gm.code
@@ -177,10 +147,10 @@ def test_squeeze_permute_leaves_one_permute_after_the_canonical_node() -> None:
     model, x = _make("f1_squeeze_permute")
     opt = tdd_fx.optimize(model, (x,))
     gm = tdd_fx.graph_of(opt)
-    data = [n for n in gm.graph.nodes if n in _data_nodes(gm) and n.op == "call_function"]
+    data = [n for n in gm.graph.nodes if n in data_nodes(gm) and n.op == "call_function"]
     assert [_op(n) if n.target is not time_distributed_dense else "tdd" for n in data] == [
         "tdd", "permute"], gm.code
-    (node,) = _canonical(gm)
+    (node,) = canonical_nodes(gm)
     assert node.kwargs["feature_dim"] == 1
     assert list(node.users) == [data[1]]
 
@@ -191,7 +161,7 @@ def test_transposed_output_folds_into_feature_dim() -> None:
     model, x = _make("1f_squeeze3_permute")
     opt = tdd_fx.optimize(model, (x,))
     gm = tdd_fx.graph_of(opt)
-    data = [n for n in gm.graph.nodes if n in _data_nodes(gm) and n.op == "call_function"]
+    data = [n for n in gm.graph.nodes if n in data_nodes(gm) and n.op == "call_function"]
     assert [n.target for n in data] == [time_distributed_dense], gm.code
     assert data[0].kwargs["feature_dim"] % 3 == 2
     assert opt.tdd_report.sites[0].kernel == "linear"
@@ -205,7 +175,7 @@ def test_full_span_kernel_size_is_guarded() -> None:
     model, x = _make("f1_squeeze")
     opt = tdd_fx.optimize(model, (x,))
     assert opt.tdd_report.rewritten
-    other = _input((B, FEAT + 1, T))
+    other = sample((B, FEAT + 1, T))
     with pytest.warns(RuntimeWarning, match=rf"shape\[1\] is {FEAT + 1}; the capture fixed it "
                                             rf"at {FEAT}.*{FALLBACK}"):
         got = opt(other)
@@ -228,12 +198,12 @@ def test_batch_of_one_example_is_admitted_at_one_and_more() -> None:
     """A batch-1 example is captured at batch 2 (so the batch stays symbolic) and verified at 1:
     the optimized graph runs at batch 1 and at other batches alike."""
     model = Holder(_call, nn.Conv1d(FEAT, OUT, 1))
-    x = _input((1, FEAT, T))
+    x = sample((1, FEAT, T))
     opt = tdd_fx.optimize(model, (x,))
     assert [s.status for s in opt.tdd_report.sites] == ["rewritten"], str(opt.tdd_report)
     assert opt.tdd_report.verified is True
     for batch in (1, 2, 5):
-        y = _input((batch, FEAT, T + 2), seed=batch)
+        y = sample((batch, FEAT, T + 2), seed=batch)
         torch.testing.assert_close(_run_optimized(opt, y), model(y))
 
 
@@ -273,7 +243,7 @@ def _qat_conv() -> nn.Module:
 
     conv = torch.ao.nn.qat.Conv1d(FEAT, OUT, 1, qconfig=get_default_qat_qconfig())
     with torch.no_grad():
-        conv(_input((B, FEAT, T)))  # observers size their buffers on the first call
+        conv(sample((B, FEAT, T)))  # observers size their buffers on the first call
     conv.apply(disable_observer)
     return conv
 
@@ -344,7 +314,7 @@ NEGATIVE: dict[str, tuple[Callable[..., torch.Tensor], Callable[[], nn.Module], 
 def test_conv_near_miss_is_rejected_with_reason(name: str) -> None:
     fn, factory, shape, words = NEGATIVE[name]
     model = Holder(fn, factory()).eval()
-    x = _input(shape)
+    x = sample(shape)
     report = tdd_fx.audit(model, (x,))
     assert report.sites, f"{name}: the near-miss should be reported"
     assert all(s.pattern == "conv" and s.status == "rejected" for s in report.sites), str(report)
@@ -373,11 +343,11 @@ def test_hooked_conv_keeps_its_own_code_and_hook() -> None:
     why, and the hook keeps applying, in both modes and at other sizes."""
     for pre in (False, True):
         model = Holder(_call, _hooked(pre))
-        x = _input((B, FEAT, T))
+        x = sample((B, FEAT, T))
         opt = tdd_fx.optimize(model, (x,))
         assert not opt.tdd_report.rewritten, str(opt.tdd_report)
         assert any("has Python hooks" in n for n in opt.tdd_report.notes), str(opt.tdd_report)
-        for inp in (x, _input((B + 3, FEAT, T + 4), seed=2)):
+        for inp in (x, sample((B + 3, FEAT, T + 4), seed=2)):
             plain = F.conv1d(inp * 3 if pre else inp, model.conv.weight, model.conv.bias)
             expected = plain if pre else plain * 2
             torch.testing.assert_close(opt(inp), expected)
@@ -390,7 +360,7 @@ def test_side_effect_of_a_hook_still_happens() -> None:
     conv = nn.Conv1d(FEAT, OUT, 1)
     conv.register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape)))
     model = Holder(_call, conv).eval()
-    x = _input((B, FEAT, T))
+    x = sample((B, FEAT, T))
     opt = tdd_fx.optimize(model, (x,))
     seen.clear()
     opt(x)
@@ -401,13 +371,13 @@ def test_user_subclass_keeps_its_own_forward() -> None:
     """A user-defined subclass is traced through: the conv inside is rewritten, and the
     subclass' extra arithmetic survives."""
     model = Holder(_call, PlainConvSubclass(FEAT, OUT, 1))
-    x = _input((B, FEAT, T))
+    x = sample((B, FEAT, T))
     opt = tdd_fx.optimize(model, (x,))
     assert [s.status for s in opt.tdd_report.sites] == ["rewritten"], str(opt.tdd_report)
-    (node,) = _canonical(tdd_fx.graph_of(opt))
+    (node,) = canonical_nodes(tdd_fx.graph_of(opt))
     assert [u.target for u in node.users] == [aten.mul.Tensor]
     assert_equivalent(opt, model, (x,))
-    bigger = _input((B + 3, FEAT, T + 4), seed=2)
+    bigger = sample((B + 3, FEAT, T + 4), seed=2)
     torch.testing.assert_close(_run_optimized(opt, bigger), model(bigger))
 
 
@@ -421,7 +391,7 @@ def test_fresh_qat_conv_is_rejected_not_crashing() -> None:
         conv = torch.ao.nn.qat.Conv1d(FEAT, OUT, 1, qconfig=get_default_qat_qconfig())
         model = Holder(_call, conv).train(training)
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        x = _input((B, FEAT, T))
+        x = sample((B, FEAT, T))
         report = tdd_fx.audit(model, (x,))
         assert [s.status for s in report.sites] == ["rejected"], str(report)
         assert "fake_quant" in report.sites[0].reason and COMPUTED in report.sites[0].reason
@@ -439,7 +409,7 @@ def test_fresh_qat_conv_is_rejected_not_crashing() -> None:
 
 def test_spatial_cnn_is_not_a_site() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3)).eval()
-    x = _input((B, 3, 8, 8))
+    x = sample((B, 3, 8, 8))
     assert tdd_fx.audit(model, (x,)).sites == []
     opt = tdd_fx.optimize(model, (x,))
     assert opt.tdd_report.sites == []
@@ -450,11 +420,11 @@ def test_spatial_cnn_is_not_a_site() -> None:
 def test_mixed_model_rewrites_only_the_pointwise_conv() -> None:
     """A 3x3 conv next to a 1x1 conv: only the 1x1 becomes a canonical node."""
     model = nn.Sequential(nn.Conv2d(C, C, 3, padding=1), nn.ReLU(), nn.Conv2d(C, OUT, 1)).eval()
-    x = _input((B, C, 5, 5))
+    x = sample((B, C, 5, 5))
     opt = tdd_fx.optimize(model, (x,))
     assert [(s.pattern, s.status, s.module) for s in opt.tdd_report.sites] == [
         ("conv", "rewritten", "2")], str(opt.tdd_report)
     gm = tdd_fx.graph_of(opt)
-    assert [node_module_path(n) for n in _conv_nodes(gm)] == ["0"], gm.code
-    assert [node_module_path(n) for n in _canonical(gm)] == ["2"], gm.code
+    assert [node_module_path(n) for n in conv_nodes(gm)] == ["0"], gm.code
+    assert [node_module_path(n) for n in canonical_nodes(gm)] == ["2"], gm.code
     assert_equivalent(opt, model, (x,))

@@ -9,26 +9,27 @@ from collections.abc import Callable
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from conftest import assert_equivalent
 from conv_models import (  # noqa: E402
     FALLBACK,
     FEAT,
-    LAYOUT,
     OUT,
     B,
     C,
     Holder,
     T,
     assert_same_layer,
+    canonical_nodes,
+    conv_nodes,
+    layout_ops_on_data,
+    rewritten_graphs,
+    sample,
 )
 from conv_models import call as _call  # noqa: E402
 from torch import nn
 
 import tdd_fx
-from tdd_fx.ops import time_distributed_dense
-from tdd_fx.optables import CONV_TRANSPOSES, CONVS
 
 
 def _convolution(s: Holder, x: torch.Tensor) -> torch.Tensor:
@@ -73,55 +74,26 @@ POSITIVE: dict[str, tuple[Callable[..., torch.Tensor], Callable[[], nn.Module],
 }
 
 
-def _input(shape: tuple[int, ...], seed: int = 1) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _graphs(opt: nn.Module) -> list[fx.GraphModule]:
-    return list(tdd_fx.graphs(opt).get("", {}).values())
-
-
-def _canonical(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.target is time_distributed_dense]
-
-
-def _conv_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes
-            if n.op == "call_function" and n.target in CONVS | CONV_TRANSPOSES]
-
-
-def _layout_ops_on_data(gm: fx.GraphModule) -> list[fx.Node]:
-    """Layout ops computed from the input ``x`` (the last placeholder; the leading ones are
-    parameters, whose views are free)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    live = {placeholders[-1]}
-    for n in gm.graph.nodes:
-        if any(a in live for a in n.all_input_nodes):
-            live.add(n)
-    return [n for n in gm.graph.nodes if n in live and n.op == "call_function"
-            and getattr(n.target, "overloadpacket", None) in LAYOUT]
-
-
 @pytest.mark.parametrize("name", sorted(POSITIVE))
 @pytest.mark.parametrize("training", [False, True])
 def test_conv_transpose_is_rewritten(name: str, training: bool) -> None:
     fn, factory, shape, bigger, fd = POSITIVE[name]
     model = Holder(fn, factory()).train(training)
-    x = _input(shape)
+    x = sample(shape)
     opt = tdd_fx.optimize(model, (x,))
     report = opt.tdd_report
     assert [(s.pattern, s.status) for s in report.sites] == [("conv", "rewritten")], str(report)
     assert report.verified is True
     assert report.sites[0].feature_dim == fd
     assert opt.training is training
-    graphs = _graphs(opt)
+    graphs = rewritten_graphs(opt)
     assert len(graphs) == 2  # train and eval
     for gm in graphs:
-        (node,) = _canonical(gm)
+        (node,) = canonical_nodes(gm)
         assert node.kwargs["feature_dim"] == fd, gm.code
-        assert not _conv_nodes(gm), gm.code
-        assert not _layout_ops_on_data(gm), gm.code  # nothing but the canonical node on x
-    other = _input(bigger, seed=2)
+        assert not conv_nodes(gm), gm.code
+        assert not layout_ops_on_data(gm), gm.code  # nothing but the canonical node on x
+    other = sample(bigger, seed=2)
     assert_same_layer(opt, model, x, other)
     with warnings.catch_warnings():  # the other mode's graph runs too
         warnings.filterwarnings("error", message=f".*{FALLBACK}", category=RuntimeWarning)
@@ -134,12 +106,12 @@ def test_batch_of_one_example() -> None:
     """A batch-1 example is captured at batch 2 and verified at 1; batches 1 and 4 run the
     optimized graph."""
     model = Holder(_call, nn.ConvTranspose2d(C, OUT, 1)).eval()
-    opt = tdd_fx.optimize(model, (_input((1, C, 3, T)),))
+    opt = tdd_fx.optimize(model, (sample((1, C, 3, T)),))
     assert [s.status for s in opt.tdd_report.sites] == ["rewritten"], str(opt.tdd_report)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=f".*{FALLBACK}", category=RuntimeWarning)
         for batch in (1, 4):
-            y = _input((batch, C, 4, T + 1), seed=batch)
+            y = sample((batch, C, 4, T + 1), seed=batch)
             torch.testing.assert_close(opt(y), model(y))
 
 
@@ -159,15 +131,15 @@ class Tied(nn.Module):
 
 def test_tied_encoder_decoder_both_rewritten() -> None:
     model = Tied()
-    x = _input((B, FEAT, T))
+    x = sample((B, FEAT, T))
     opt = tdd_fx.optimize(model, (x,))
     assert [(s.pattern, s.status) for s in opt.tdd_report.sites] == [
         ("conv", "rewritten"), ("conv", "rewritten")], str(opt.tdd_report)
-    for gm in _graphs(opt):
-        assert len(_canonical(gm)) == 2 and not _conv_nodes(gm), gm.code
+    for gm in rewritten_graphs(opt):
+        assert len(canonical_nodes(gm)) == 2 and not conv_nodes(gm), gm.code
     assert dict(opt.named_parameters())["enc.weight"] is model.enc.weight
     assert_equivalent(opt, model, (x,))
-    other = _input((B + 2, FEAT, T + 3), seed=3)
+    other = sample((B + 2, FEAT, T + 3), seed=3)
     assert_equivalent(opt, model, (other,), atol=1e-4, rtol=1e-4)
 
 
@@ -222,7 +194,7 @@ NEGATIVE: dict[str, tuple[Callable[..., torch.Tensor], Callable[[], nn.Module], 
 def test_conv_transpose_near_miss_is_rejected_with_reason(name: str) -> None:
     fn, factory, shape, words = NEGATIVE[name]
     model = Holder(fn, factory()).eval()
-    x = _input(shape)
+    x = sample(shape)
     report = tdd_fx.audit(model, (x,))
     assert [(s.pattern, s.status) for s in report.sites] == [("conv", "rejected")], str(report)
     assert all(w in report.sites[0].reason for w in words), str(report)

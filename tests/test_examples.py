@@ -32,6 +32,28 @@ def load(name: str) -> ModuleType:
     return module
 
 
+def optimized(module: ModuleType, **sizes: int) -> tuple[nn.Module, nn.Module, tuple]:
+    """An example's model (``module.build()``), its optimized copy, and the example inputs."""
+    model = module.build()
+    inputs = module.example_inputs(**sizes)
+    return model, tdd_fx.optimize(model, inputs), inputs
+
+
+def main_output(module: ModuleType, capsys: pytest.CaptureFixture[str],
+                monkeypatch: pytest.MonkeyPatch | None = None, **settings: int) -> str:
+    """What the example's ``main()`` prints (with ``settings`` patched into the module), after
+    checking the lines every example prints."""
+    for name, value in settings.items():
+        assert monkeypatch is not None
+        monkeypatch.setattr(module, name, value)
+    module.main()
+    out = capsys.readouterr().out
+    assert "== audit" in out and "== optimize" in out
+    assert "rewritten" in out and "verified" in out
+    assert "parameters shared with the original: True; same state_dict keys: True" in out
+    return out
+
+
 def line_of(module: ModuleType, text: str) -> str:
     """``file.py:LINE`` of the one line of the example's code that starts with ``text``."""
     path = Path(module.__file__)
@@ -111,11 +133,7 @@ def test_forecaster_equivalent(forecaster: ModuleType, forecaster_opt: tuple) ->
 
 
 def test_forecaster_main(forecaster: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
-    forecaster.main()
-    out = capsys.readouterr().out
-    assert "== audit" in out and "== optimize" in out
-    assert "rewritten" in out and "verified" in out
-    assert "parameters shared with the original: True; same state_dict keys: True" in out
+    main_output(forecaster, capsys)
 
 
 def test_forecaster_runs_as_the_readme_says() -> None:
@@ -137,9 +155,7 @@ def audio() -> ModuleType:
 
 @pytest.fixture(scope="module")
 def audio_opt(audio: ModuleType) -> tuple[nn.Module, nn.Module, tuple]:
-    model = audio.build()
-    inputs = audio.example_inputs(batch=4, frames=50)
-    return model, tdd_fx.optimize(model, inputs), inputs
+    return optimized(audio, batch=4, frames=50)
 
 
 def test_audio_sites(audio: ModuleType, audio_opt: tuple) -> None:
@@ -184,14 +200,8 @@ def test_audio_equivalent(audio: ModuleType, audio_opt: tuple) -> None:
 
 def test_audio_main(audio: ModuleType, capsys: pytest.CaptureFixture[str],
                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(audio, "FRAMES", 40)
-    monkeypatch.setattr(audio, "BATCH", 2)
-    monkeypatch.setattr(audio, "TIMING_REPEATS", 1)
-    audio.main()
-    out = capsys.readouterr().out
-    assert "== audit" in out and "== optimize" in out
-    assert "rewritten" in out and "verified" in out and "mixes neighbouring positions" in out
-    assert "parameters shared with the original: True; same state_dict keys: True" in out
+    out = main_output(audio, capsys, monkeypatch, FRAMES=40, BATCH=2, TIMING_REPEATS=1)
+    assert "mixes neighbouring positions" in out
     assert "input 2x64x40" in out
     for label in ("original", "optimized", "speed-up"):
         assert f"  {label}" in out
@@ -208,9 +218,7 @@ def video() -> ModuleType:
 
 @pytest.fixture(scope="module")
 def video_opt(video: ModuleType) -> tuple[nn.Module, nn.Module, tuple]:
-    model = video.build()
-    inputs = video.example_inputs(batch=4)
-    return model, tdd_fx.optimize(model, inputs), inputs
+    return optimized(video, batch=4)
 
 
 def test_video_sites(video: ModuleType, video_opt: tuple) -> None:
@@ -251,14 +259,8 @@ def test_video_equivalent(video: ModuleType, video_opt: tuple) -> None:
 
 def test_video_main(video: ModuleType, capsys: pytest.CaptureFixture[str],
                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(video, "FRAMES", 6)
-    monkeypatch.setattr(video, "BATCH", 2)
-    monkeypatch.setattr(video, "TIMING_REPEATS", 1)
-    video.main()
-    out = capsys.readouterr().out
-    assert "== audit" in out and "== optimize" in out
-    assert "rewritten" in out and "verified" in out and "recurrence" in out
-    assert "parameters shared with the original: True; same state_dict keys: True" in out
+    out = main_output(video, capsys, monkeypatch, FRAMES=6, BATCH=2, TIMING_REPEATS=1)
+    assert "recurrence" in out
     assert f"input 2x6x{video.FEATURES}" in out
     for label in ("original", "optimized", "speed-up"):
         assert f"  {label}" in out

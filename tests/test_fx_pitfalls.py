@@ -28,10 +28,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_equivalent
+from conftest import assert_equivalent, optimize_twice
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 from torch.utils._pytree import tree_flatten, tree_structure
+from zoo import Wrap
 
 import tdd_fx
 import tdd_fx.verify as verify_mod
@@ -40,18 +41,6 @@ B, T, FEAT, OUT = 3, 5, 6, 4
 
 # --------------------------------------------------------------------------------------------
 # models and helpers
-
-
-class Wrap(nn.Module):
-    """The Keras-port wrapper: fold every leading axis, apply the module, unfold."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.module(x.contiguous().view(-1, x.size(-1)))
-        return y.view(x.size(0), -1, y.size(-1))
 
 
 class Pointwise(nn.Module):
@@ -784,10 +773,7 @@ def test_cuda_model_and_inputs():
 def test_optimize_twice_rewrites_nothing_more_for_every_family():
     model = Mixed().eval()
     inputs = (x3(),)
-    once = tdd_fx.optimize(model, inputs)
-    assert len(once.tdd_report.rewritten) == 4
-    twice = tdd_fx.optimize(once, inputs)
-    assert twice.tdd_report.rewritten == []
+    once, twice = optimize_twice(model, inputs, rewritten=4)
     assert tdd_fx.audit(once, inputs).found == []
     assert_equivalent(twice, model, inputs)
     assert list(twice.state_dict()) == list(model.state_dict())

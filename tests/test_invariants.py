@@ -20,8 +20,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_equivalent
+from conftest import assert_equivalent, optimize_twice
 from torch import nn
+from zoo import Wrap
 
 import tdd_fx
 from tdd_fx.ops import time_distributed_dense
@@ -30,18 +31,6 @@ FALLBACK = "running the original forward instead"
 
 # --------------------------------------------------------------------------------------------
 # models
-
-
-class Wrap(nn.Module):
-    """The Keras-port wrapper: fold every leading axis, apply the module, unfold."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.module(x.contiguous().view(-1, x.size(-1)))
-        return y.view(x.size(0), -1, y.size(-1))
 
 
 class FoldNet(nn.Module):
@@ -400,10 +389,7 @@ def test_result_eval_reaches_the_modules_of_the_rewritten_graph():
 def test_optimize_twice_finds_nothing_new_simple():
     model = Simple().eval()
     inputs = (x3(),)
-    once = tdd_fx.optimize(model, inputs)
-    assert len(once.tdd_report.rewritten) == 2
-    twice = tdd_fx.optimize(once, inputs)
-    assert [s.where for s in twice.tdd_report.rewritten] == []
+    once, twice = optimize_twice(model, inputs, rewritten=2)
     assert type(twice) is Simple
     assert twice.tdd_report.sites == []  # the canonical nodes are not candidates again
     # the first pass's work is kept: no fold/unfold comes back around the dense layers
@@ -425,12 +411,8 @@ def test_optimizing_an_optimized_model_does_not_warn():
 
 
 def test_optimize_twice_finds_nothing_new_with_batchnorm_in_fold():
-    model = FoldNet().eval()
-    inputs = (x3(),)
-    once = tdd_fx.optimize(model, inputs)
+    once, _ = optimize_twice(FoldNet().eval(), (x3(),))
     assert {s.module for s in once.tdd_report.rewritten} >= {"fc1", "fc2"}
-    twice = tdd_fx.optimize(once, inputs)
-    assert [s.where for s in twice.tdd_report.rewritten] == []
 
 
 def test_optimize_twice_still_equivalent_with_batchnorm_in_fold():

@@ -11,6 +11,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from conftest import assert_equivalent
 from torch import nn
+from zoo import Literal, Wrap
 
 import tdd_fx
 from tdd_fx.ops import KERNELS, check_input, choose_kernel, time_distributed_dense
@@ -266,27 +267,6 @@ def test_optimize_of_time_distributed_model_is_left_alone_or_rewritten():
 
 # --------------------------------------------------------------------------------------------
 # guards
-
-
-class Wrap(nn.Module):
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, x):
-        y = self.module(x.contiguous().view(-1, x.size(-1)))
-        return y.view(x.size(0), -1, y.size(-1))
-
-
-class Literal(nn.Module):
-    """The proof relies on literal sizes: 40 == B*T, (4, 10) == (B, T)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(16, 8)
-
-    def forward(self, x):
-        return self.fc(x.view(40, 16)).view(4, 10, 8)
 
 
 def test_guard_rejects_another_rank_with_a_clear_message():

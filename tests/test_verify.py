@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 from conftest import assert_equivalent
 from torch import nn
+from zoo import Literal, Wrap
 
 import tdd_fx
 from tdd_fx.capture import capture, node_module_path
@@ -37,16 +38,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # --------------------------------------------------------------------------------------------
 # models
-
-
-class Wrap(nn.Module):
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.module(x.contiguous().view(-1, x.size(-1)))
-        return y.view(x.size(0), -1, y.size(-1))
 
 
 def swish(h: torch.Tensor) -> torch.Tensor:
@@ -597,15 +588,6 @@ class TwoInputs(nn.Module):
 
     def forward(self, series: torch.Tensor, cat: torch.Tensor) -> torch.Tensor:
         return self.fc(series + self.emb(cat))
-
-
-class Literal(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(16, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.view(40, 16)).view(4, 10, 8)
 
 
 def alternative_of(model: nn.Module, e: Example, keep_axes=()) -> tuple[Example | None, list]:

@@ -142,3 +142,26 @@ def make_input(shape: tuple[int, ...], name: str = "") -> torch.Tensor:
     if "embedding" in name:
         return torch.randint(0, 20, shape, generator=g)
     return torch.randn(shape, generator=g)
+
+
+class Wrap(nn.Module):
+    """The Keras-port wrapper: fold every leading axis, apply the module, unfold."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.module(x.contiguous().view(-1, x.size(-1)))
+        return y.view(x.size(0), -1, y.size(-1))
+
+
+class Literal(nn.Module):
+    """The proof relies on literal sizes: 40 == B*T, (4, 10) == (B, T)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.view(40, 16)).view(4, 10, 8)

@@ -27,7 +27,7 @@ from tabulate import tabulate
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from forms import FORMS  # noqa: E402
+from forms import FORMS, REFERENCES  # noqa: E402
 
 import tdd_fx  # noqa: E402
 
@@ -102,7 +102,7 @@ def bench(form: str, shape: tuple[int, int, int, int], mode: str, dtype: torch.d
     inputs = tuple(x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
                    for x in inputs)
     optimized = tdd_fx.optimize(model, inputs)
-    linear = nn.Linear(f, o).to(device=device, dtype=dtype)
+    linear = REFERENCES.get(form, nn.Linear)(f, o).to(device=device, dtype=dtype)
     x_btf = torch.randn(b, t, f, device=device, dtype=dtype)
     fns = {"original": step_fn(model, inputs, mode), "optimized": step_fn(optimized, inputs, mode),
            "nn.Linear": step_fn(linear, (x_btf,), "train" if mode == "train" else mode)}

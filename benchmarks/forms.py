@@ -1,7 +1,9 @@
 """Hand-written time-distributed dense forms, as found in real code, for the benchmarks.
 
 Each builder takes ``(B, T, F, O)`` and returns ``(model, inputs)``; every model computes a dense
-``F -> O`` map at each of ``T`` steps, in its own layout.
+``F -> O`` map at each of ``T`` steps, in its own layout (``pointwise_stack``: two such maps,
+``F -> O -> F``, with the row-wise ops of a TCN block between them; its reference is in
+:data:`REFERENCES`).
 """
 
 from __future__ import annotations
@@ -109,9 +111,34 @@ class PerStepLoop(nn.Module):
         return torch.stack([self.fc(x[:, t]) for t in range(x.size(1))], 1)
 
 
+class PointwiseStack(nn.Module):
+    """A TCN/ConvTasNet block: ``Conv1d(F, O, 1)`` -> ReLU -> ``Conv1d(O, F, 1)`` + residual over
+    ``(B, F, T)`` (two sites and the row-wise ops between them)."""
+
+    def __init__(self, f: int, o: int) -> None:
+        super().__init__()
+        self.inner = nn.Conv1d(f, o, 1)
+        self.outer = nn.Conv1d(o, f, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.outer(torch.relu(self.inner(x)))
+
+
+class LinearStack(nn.Module):
+    """:class:`PointwiseStack` written with ``nn.Linear`` on features-last ``(B, T, F)`` data."""
+
+    def __init__(self, f: int, o: int) -> None:
+        super().__init__()
+        self.inner = nn.Linear(f, o)
+        self.outer = nn.Linear(o, f)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.outer(torch.relu(self.inner(x)))
+
+
 Builder = Callable[[int, int, int, int], tuple[nn.Module, tuple[torch.Tensor, ...]]]
 
-#: form name -> (builder, layout of the output: "BTO" or "BOT")
+#: form name -> (builder, layout of the output: "BTO", "BOT" or "BFT")
 FORMS: dict[str, tuple[Builder, str]] = {
     "reshape": (lambda b, t, f, o: (ReshapeSandwich(f, o), (torch.randn(b, t, f),)), "BTO"),
     "reshape_channel_first": (
@@ -125,4 +152,12 @@ FORMS: dict[str, tuple[Builder, str]] = {
     "baddbmm_expanded": (
         lambda b, t, f, o: (ExpandedBaddbmm(f, o), (torch.randn(b, f, t),)), "BOT"),
     "loop": (lambda b, t, f, o: (PerStepLoop(f, o), (torch.randn(b, t, f),)), "BTO"),
+    "pointwise_stack": (
+        lambda b, t, f, o: (PointwiseStack(f, o), (torch.randn(b, f, t),)), "BFT"),
+}
+
+#: forms whose hand-written features-last reference is more than one ``nn.Linear(F, O)``:
+#: form name -> builder of that reference, taking ``(F, O)``; it runs on ``(B, T, F)`` data
+REFERENCES: dict[str, Callable[[int, int], nn.Module]] = {
+    "pointwise_stack": LinearStack,
 }

@@ -94,24 +94,33 @@ KERNELS: dict[str, Callable[[Tensor, Tensor, Tensor | None, int], Tensor]] = {
 }
 
 
+#: kernels that *are* the computation of a hand-written form (``Conv1d`` → ``conv``, ``bmm`` with
+#: an expanded weight → ``baddbmm``, ``matmul`` → ``matmul``): keeping one costs nothing
+MIRRORS = frozenset({"conv", "baddbmm", "matmul"})
+
+
 def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu",
                   prefer: str | None = None, dtype: torch.dtype | None = None) -> str:
     """Heuristic kernel choice (used when no measurement is asked for).
 
     Features on the last axis: ``linear`` (this *is* ``nn.Linear``; nothing is faster).
-    Features on axis 1 of a 3-D ``(B, F, T)`` input, in float32/float64: ``conv`` (a size-1
-    convolution; oneDNN on CPU, cuDNN on CUDA) — on this CPU it ran at 0.52-0.74x the time of
-    ``nn.Linear`` on the same data laid out ``(B, T, F)``, forward and training step, and it was
-    the most frequent winner in the H100 measurements of ``shared/anchors``.  In reduced precision
-    on CPU no kernel reaches ``nn.Linear``'s speed on channel-first data; there a rewrite keeps
-    ``prefer`` — the kernel that mirrors the code being replaced (a ``Conv1d`` is ``conv``, a
-    transpose-reshape-Linear sandwich is ``linear_tc``) — so it is never slower than the original,
-    and ``baddbmm`` for forms whose own computation is the slow part (``Conv2d(1, O, (F, 1))``,
-    loops).  ``optimize(..., autotune=True)`` measures instead (``benchmarks/results``).
+    Otherwise, when the replaced code was itself one of the kernels (``prefer`` in
+    :data:`MIRRORS`: a pointwise ``Conv1d``, ``baddbmm``/``matmul`` with a broadcast weight),
+    that kernel: the rewrite then never computes more slowly than the original did (on this CPU
+    the "faster in general" ``conv`` ran 1.4-1.7x slower than an expanded ``baddbmm`` at
+    (B, F, T) = (8, 40, 100); ``benchmarks/bench_forms.py``).  Features on axis 1 of a 3-5-D
+    input, in float32/float64 or on CUDA: ``conv`` (a size-1 convolution, oneDNN on CPU, cuDNN
+    on CUDA; it beat the transpose-copy-Linear sandwich it replaces, and a
+    ``Conv2d(1, O, (F, 1))`` stem by 1.3x forward, 3.9x training step at that shape).  In
+    reduced precision on CPU no kernel reaches ``nn.Linear``'s speed on channel-first data:
+    there ``prefer`` (the sandwich's own ``linear_tc``) or ``baddbmm``.
+    ``optimize(..., autotune=True)`` measures instead.
     """
     d = feature_dim % ndim if ndim else feature_dim
     if ndim == 0 or d == ndim - 1:
         return "linear"
+    if prefer in MIRRORS:
+        return prefer
     full = dtype is None or dtype in (torch.float32, torch.float64)
     if d == 1 and 3 <= ndim <= 5 and (full or torch.device(device).type == "cuda"):
         return "conv"
@@ -127,9 +136,12 @@ def _fx_leaf(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Tensor:
-        proxy = next((a for a in (*args, *kwargs.values()) if isinstance(a, fx.Proxy)), None)
-        if proxy is not None:
-            return proxy.tracer.create_proxy("call_function", wrapper, args, kwargs)
+        for a in args:  # (a loop, not a generator: this runs on every call)
+            if isinstance(a, fx.Proxy):
+                return a.tracer.create_proxy("call_function", wrapper, args, kwargs)
+        for a in kwargs.values():
+            if isinstance(a, fx.Proxy):
+                return a.tracer.create_proxy("call_function", wrapper, args, kwargs)
         return fn(*args, **kwargs)
 
     return wrapper

@@ -71,6 +71,16 @@ class InputChecker:
             if isinstance(e, sympy.Symbol) and e not in self.where:
                 self.where[e] = f"{names[i] if i < len(names) else i}.shape[{d}]"
 
+    def compiled(self) -> Any:
+        """A straight-line ``flat -> bool`` of the same checks, compiled once: True means
+        :meth:`check` would pass (it is run for the message when this says False), so the common
+        call costs a few attribute reads instead of a walk over sympy expressions.  ``None``
+        when a size expression has no exact integer Python spelling."""
+        try:
+            return _compile_checks(self)
+        except _NoSpelling:
+            return None
+
     def guards(self) -> list[str]:
         """The sizes rewrites relied on, as the user reads them (``x.shape[0] == 4``)."""
         return [f"{self.where.get(s, s)} == {v}" for s, v in self.fixed.items()]
@@ -123,6 +133,69 @@ class InputChecker:
                             f"[{lo}, {hi if hi is not None else 'inf'}]")
 
 
+class _NoSpelling(Exception):
+    pass
+
+
+_INT_OPS = {"FloorDiv": "//", "CleanDiv": "//", "Mod": "%", "PythonMod": "%"}
+
+
+def _py(e: Any, names: dict[Any, str]) -> str:
+    """Python source computing the integer sympy expression ``e`` from bound symbol names."""
+    if isinstance(e, int) or (isinstance(e, sympy.Basic) and e.is_Integer):
+        return str(int(e))
+    if isinstance(e, sympy.Symbol):
+        if e not in names:
+            raise _NoSpelling(str(e))
+        return names[e]
+    args = [_py(a, names) for a in getattr(e, "args", ())]
+    kind = type(e).__name__
+    if isinstance(e, sympy.Add):
+        return "(" + " + ".join(args) + ")"
+    if isinstance(e, sympy.Mul):
+        return "(" + " * ".join(args) + ")"
+    if isinstance(e, sympy.Pow) and e.exp.is_Integer and int(e.exp) >= 0:
+        return f"({args[0]} ** {int(e.exp)})"
+    if kind in _INT_OPS and len(args) == 2:
+        return f"({args[0]} {_INT_OPS[kind]} {args[1]})"
+    if kind in ("Max", "Min"):
+        return f"{kind.lower()}({', '.join(args)})"
+    raise _NoSpelling(kind)
+
+
+def _compile_checks(c: InputChecker) -> Any:
+    lines = [f"if len(flat) != {len(c.leaves)}: return False"]
+    consts: dict[str, Any] = {"Tensor": Tensor}
+    for i, (kind, info) in enumerate(c.leaves):
+        lines.append(f"x{i} = flat[{i}]")
+        if kind == "tensor":
+            consts[f"dt{i}"] = info[1]
+            lines.append(f"if not isinstance(x{i}, Tensor) or x{i}.dim() != {info[0]} or "
+                         f"x{i}.dtype is not dt{i} or x{i}.device.type != {info[2]!r}: "
+                         "return False")
+        else:
+            consts[f"c{i}"], consts[f"t{i}"] = info, type(info)
+            lines.append(f"if type(x{i}) is not t{i} or x{i} != c{i}: return False")
+    names: dict[Any, str] = {}
+    for i, d, e in c.plan:
+        size = f"x{i}.shape[{d}]"
+        if isinstance(e, sympy.Symbol) and e not in names:
+            names[e] = f"s{len(names)}"
+            lo, hi = c.ranges.get(e, (0, None))
+            lines.append(f"{names[e]} = {size}")
+            lines.append(f"if {names[e]} < {lo or 0}: return False")
+            if hi is not None:
+                lines.append(f"if {names[e]} > {hi}: return False")
+        else:
+            lines.append(f"if {size} != {_py(e, names)}: return False")
+    for sym, v in c.fixed.items():
+        if sym in names:
+            lines.append(f"if {names[sym]} != {int(v)}: return False")
+    src = "def fast(flat):\n" + "".join(f"    {ln}\n" for ln in lines) + "    return True\n"
+    exec(compile(src, "<tdd_fx input checks>", "exec"), consts)
+    return consts["fast"]
+
+
 class Program:
     """One captured (and rewritten) graph, for one mode, callable on a live module tree."""
 
@@ -141,14 +214,35 @@ class Program:
         self.flags = flags
         self.checker = InputChecker(captured, names, fixed)
         self.kw_order = _kw_order(captured.in_spec)
+        #: the capture took N positional tensors and nothing else: flatten is ``list(args)``
+        self.positional = _positional_leaves(captured.in_spec, self.checker.leaves)
+        self.single_output = self.out_spec.is_leaf() and not self.mutated
         #: the example's memory layouts, checked when the graph writes in place (export made
         #: its aliasing decisions on them); None when it does not
         self.layouts = captured.layouts if _writes_in_place(gm) else None
         #: the dtype of each state value at capture (the graph bakes dtypes in: casts, kernels)
         self.state_dtypes = [getattr(n.meta.get("val"), "dtype", None)
                              for n in captured.placeholders()[:len(self.state)]]
+        self._compile()
+
+    #: compiled per process (generated code does not pickle): rebuilt on load
+    _COMPILED = ("fast_check", "fetch")
+
+    def _compile(self) -> None:
+        self.fast_check = self.checker.compiled()
+        self.fetch = _fetcher(self.state, self.constants)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in self._COMPILED}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._compile()
 
     def flatten(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        if (not kwargs and len(args) == self.positional
+                and all(isinstance(a, Tensor) for a in args)):
+            return list(args)
         if set(kwargs) != set(self.kw_order):
             extra = sorted(set(kwargs) - set(self.kw_order))
             missing = sorted(set(self.kw_order) - set(kwargs))
@@ -163,15 +257,19 @@ class Program:
         return flat
 
     def run(self, module: nn.Module, flat: list[Any]) -> Any:
-        state = [_fetch(module, kind, target, self.constants) for kind, target in self.state]
+        state = self.fetch(module)
         if [getattr(t, "dtype", None) for t in state] != self.state_dtypes:
             raise CallMismatch(self._converted(state))
         try:
-            out = self.gm(*state, *flat)
+            # .forward (looked up per call: recompile() replaces it) skips nn.Module.__call__;
+            # our own graph has no hooks
+            out = self.gm.forward(*state, *flat)
         except RuntimeError as exc:
             if _ASSERT in str(exc):
                 raise CallMismatch(f"a size condition of the capture fails ({exc})") from exc
             raise
+        if self.single_output:
+            return out[0] if isinstance(out, (tuple, list)) else out
         out = list(out) if isinstance(out, (tuple, list)) else [out]
         if self.mutated:
             with torch.no_grad():
@@ -179,7 +277,6 @@ class Program:
                     _fetch(module, "buffer", target, {}).copy_(value)
             out = out[len(self.mutated):]
         return pytree.tree_unflatten(out, self.out_spec)
-
 
     def _converted(self, state: list[Any]) -> str:
         for (_, target), t, dtype in zip(self.state, state, self.state_dtypes):
@@ -195,6 +292,47 @@ def _kw_order(in_spec: pytree.TreeSpec) -> list[str]:
     return list(kw.context)
 
 
+def _positional_leaves(in_spec: pytree.TreeSpec, leaves: list[tuple[str, Any]]) -> int:
+    """N when the captured call was ``forward(t1, ..., tN)`` with N tensors, else -1."""
+    n = len(leaves)
+    if any(kind != "tensor" for kind, _ in leaves):
+        return -1
+    plain = pytree.tree_flatten(((tuple(range(n)), {}), {}))[1]
+    return n if in_spec == plain else -1
+
+
+def _fetcher(state: list[tuple[str, str]], constants: dict[str, Any]) -> Any:
+    """``module -> [state values]``, read live on every call (so ``load_state_dict(assign=True)``,
+    ``functional_call`` and parametrizations are honoured).  Compiled once into straight-line
+    dictionary reads (``_modules``/``_parameters``/``_buffers``, where ``nn.Module`` keeps them);
+    anything else — a parametrized weight, a tensor attribute, a replaced child — takes the
+    generic ``getattr`` path for that call."""
+    owners: dict[str, str] = {"": "m"}
+    lines = []
+    values = []
+    slots = {"parameter": "_parameters", "buffer": "_buffers"}
+    for kind, target in state:
+        path, _, leaf = target.rpartition(".")
+        if kind not in slots:
+            values.append(f"_fetch(m, {kind!r}, {target!r}, constants)")
+            continue
+        parts = path.split(".") if path else []
+        for i in range(len(parts)):
+            key = ".".join(parts[: i + 1])
+            if key not in owners:
+                owners[key] = f"o{len(owners)}"
+                lines.append(f"{owners[key]} = {owners['.'.join(parts[:i])]}._modules"
+                             f"[{parts[i]!r}]")
+        values.append(f"{owners[path]}.{slots[kind]}[{leaf!r}]")
+    body = "".join(f"        {line}\n" for line in lines)
+    src = (f"def fetch(m):\n    try:\n{body}        out = [{', '.join(values)}]\n"
+           "    except (KeyError, AttributeError):\n        return slow(m)\n    return out\n")
+    scope: dict[str, Any] = {"_fetch": _fetch, "constants": constants,
+                             "slow": lambda m: [_fetch(m, k, t, constants) for k, t in state]}
+    exec(compile(src, "<tdd_fx state fetch>", "exec"), scope)
+    return scope["fetch"]
+
+
 def _fetch(module: nn.Module, kind: str, target: str, constants: dict[str, Any]) -> Any:
     obj: Any = module
     try:
@@ -208,7 +346,26 @@ def _fetch(module: nn.Module, kind: str, target: str, constants: dict[str, Any])
 
 
 def tree_flags(module: nn.Module) -> tuple[bool, ...]:
-    return tuple(m.training for m in module.modules())
+    """Every module's ``training`` flag, in ``module.modules()`` order."""
+    return _scan(module)[0]
+
+
+def _scan(module: nn.Module) -> tuple[tuple[bool, ...], nn.Module | None]:
+    """One walk of the tree (this runs on every call): the flags of :func:`tree_flags`, and a
+    submodule that has hooks registered on it, if any."""
+    flags, seen, stack, hooked = [], set(), [module], None
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        flags.append(m.training)
+        if hooked is None and m is not module and (
+                m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks):
+            hooked = m
+        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+    return tuple(flags), hooked
 
 
 class Dispatch:
@@ -225,7 +382,7 @@ class Dispatch:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         m = self.module
-        flags = tree_flags(m)
+        flags, hooked = _scan(m)
         program = next((p for p in self.programs if p.flags == flags), None)
         if program is None and flags in self.plain:
             return type(m).forward(m, *args, **kwargs)
@@ -235,11 +392,12 @@ class Dispatch:
                    "submodule train/eval flags)")
         else:
             try:
-                _check_context(m)
+                _check_context(m, hooked)
                 flat = program.flatten(args, kwargs)
                 if program.layouts:
                     _check_layouts(program, flat)
-                if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+                if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+                        or (program.fast_check is not None and program.fast_check(flat))):
                     program.checker.check(flat)
                 return program.run(m, flat)
             except CallMismatch as exc:
@@ -270,25 +428,22 @@ def _check_layouts(program: Program, flat: list[Any]) -> None:
                                f"({layout(x)} vs {want}), and the model writes in place")
 
 
-def _check_context(module: nn.Module) -> None:
+def _check_context(module: nn.Module, hooked: nn.Module | None) -> None:
     """What a captured graph cannot honour around the call: autocast (the graph's ops would be
     autocast one by one, a rewritten one differently from the code it replaced) and hooks
-    registered on a submodule after optimize (the graph never calls the submodule)."""
+    registered on a submodule after optimize (``hooked``: the graph never calls the
+    submodule)."""
     if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
         raise CallMismatch("called under torch.autocast, which the capture did not cover")
     hooks = nn.modules.module
     if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks
             or hooks._global_backward_hooks or hooks._global_backward_pre_hooks):
         raise CallMismatch("global module hooks are registered: the graph would not run them")
-    stack = [c for c in module._modules.values() if c is not None]
-    while stack:
-        m = stack.pop()
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or \
-                m._backward_pre_hooks:
-            name = next((n for n, c in module.named_modules() if c is m), type(m).__name__)
-            raise CallMismatch(f"{name} has hooks registered after optimize (the graph would not "
-                               "run them)")
-        stack.extend(c for c in m._modules.values() if c is not None)
+    if hooked is not None:
+        name = next((n for n, c in module.named_modules() if c is hooked),
+                    type(hooked).__name__)
+        raise CallMismatch(f"{name} has hooks registered after optimize (the graph would not "
+                           "run them)")
 
 
 def _dispatch(dispatch: Dispatch, *args: Any, **kwargs: Any) -> Any:

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-from . import ops
+from . import layout, ops
 from .capture import META_KEYS, Captured
 from .families.base import Match, same_shape
 from .optables import ANY_RANDOM, in_place
@@ -96,6 +96,7 @@ class Rewriter:
     def finish(self) -> fx.GraphModule:
         erase_dead(self.touched, self.graph)
         cleanup(self)
+        layout.features_last(self)
         self.graph.lint()
         self.gm.recompile()
         return self.gm
@@ -168,10 +169,16 @@ def _fold_permutes(rw: Rewriter, node: fx.Node) -> bool:
         return False
     new = rw.tdd(src.args[0], node.args[1], node.args[2], feature_dim=p_in[-1],
                  site=node.meta["tdd_site"], before=users[0], like=node,
-                 impl=ops.choose_kernel(p_in[-1], rank, prefer=node.kwargs.get("impl")))
+                 impl=ops.choose_kernel(p_in[-1], rank, prefer="linear_tc",
+                                       dtype=_dtype(node)))
     rw.replace(users[0], new)
     erase_dead([users[0]], rw.graph)
     return True
+
+
+def _dtype(node: fx.Node) -> torch.dtype | None:
+    val = node.meta.get("val")
+    return val.dtype if isinstance(val, torch.Tensor) else None
 
 
 def _identity(n: fx.Node) -> bool:

@@ -11,6 +11,13 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+@pytest.fixture(autouse=True)
+def _kernel_cache_in_tmp(tmp_path_factory, monkeypatch) -> None:
+    """autotune's on-disk kernel cache goes to a temporary file, never the user's home."""
+    path = tmp_path_factory.getbasetemp() / "tdd_fx_kernels.json"
+    monkeypatch.setenv("TDD_FX_CACHE", str(path))
+
+
 def outputs_and_grads(model: torch.nn.Module, inputs: tuple, seed: int = 0) -> dict:
     xs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
     torch.manual_seed(seed)

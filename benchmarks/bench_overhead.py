@@ -23,28 +23,18 @@ from tabulate import tabulate
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from forms import FORMS  # noqa: E402
+from zoo import Wrap  # noqa: E402  (the Keras-port TimeDistributed wrapper)
 
 import tdd_fx  # noqa: E402
 from tdd_fx.program import programs_of  # noqa: E402
 
 
-class KerasTimeDistributed(nn.Module):
-    """A Keras-port ``TimeDistributed`` wrapper (reshape -> module -> reshape)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.module(x.contiguous().view(-1, x.size(-1)))
-        return y.view(x.size(0), -1, y.size(-1))
-
-
 def _models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 12))
-    out = {"TimeDistributed(MLP) (4, 30, 12)": (KerasTimeDistributed(mlp), torch.randn(4, 30, 12))}
+    out = {"TimeDistributed(MLP) (4, 30, 12)": (Wrap(mlp), torch.randn(4, 30, 12))}
     for form in ("conv1d_pointwise", "reshape_channel_first", "reshape"):
         model, (x,) = FORMS[form][0](4, 30, 12, 16)
         out[f"{form} (B, T, F, O) = (4, 30, 12, 16)"] = (model, x)

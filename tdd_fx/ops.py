@@ -160,12 +160,24 @@ def time_distributed_dense(
 
     Every other axis is kept, in order and size: the result equals
     ``F.linear(x.movedim(feature_dim, -1), weight, bias).movedim(-1, feature_dim)`` whatever the
-    ``impl`` (one of :data:`KERNELS`).
+    ``impl`` (one of :data:`KERNELS`).  ``weight`` may also be a pointwise convolution's own
+    ``(out, in, 1, ..., 1)`` parameter: the size-1 kernel axes mean nothing here (the map is the
+    same), and the ``conv`` kernel then uses the parameter as it is, with no reshape either way.
     """
     d = feature_dim if feature_dim >= 0 else feature_dim + x.dim()
+    if weight.dim() != 2:
+        if weight.shape[2:] != _ONES[weight.dim() - 2]:
+            raise ValueError(f"time_distributed_dense: weight of shape {tuple(weight.shape)} is "
+                             "neither (out, in) nor a pointwise (out, in, 1, ...) kernel")
+        if d == 1 and weight.dim() == x.dim() and impl in ("conv", "conv1d"):
+            return _CONVS[x.dim()](x, weight, bias)
+        weight = weight.flatten(1)
     if d == x.dim() - 1:
         return F.linear(x, weight, bias)
     return KERNELS[impl](x, weight, bias, d)
+
+
+_ONES = [(1,) * k for k in range(8)]
 
 
 class GuardError(RuntimeError):

@@ -163,19 +163,21 @@ def _py(e: Any, names: dict[Any, str]) -> str:
     raise _NoSpelling(kind)
 
 
-def _compile_checks(c: InputChecker) -> Any:
-    lines = [f"if len(flat) != {len(c.leaves)}: return False"]
-    consts: dict[str, Any] = {"Tensor": Tensor}
+def _check_lines(c: InputChecker, consts: dict[str, Any]) -> list[str]:
+    """Straight-line Python of :meth:`InputChecker.check` on ``flat`` (``return None`` on a
+    miss); raises :class:`_NoSpelling` when a size expression has no exact integer spelling."""
+    lines = [f"if len(flat) != {len(c.leaves)}: return None"]
+    consts["Tensor"] = Tensor
     for i, (kind, info) in enumerate(c.leaves):
         lines.append(f"x{i} = flat[{i}]")
         if kind == "tensor":
             consts[f"dt{i}"] = info[1]
             lines.append(f"if not isinstance(x{i}, Tensor) or x{i}.dim() != {info[0]} or "
                          f"x{i}.dtype is not dt{i} or x{i}.device.type != {info[2]!r}: "
-                         "return False")
+                         "return None")
         else:
             consts[f"c{i}"], consts[f"t{i}"] = info, type(info)
-            lines.append(f"if type(x{i}) is not t{i} or x{i} != c{i}: return False")
+            lines.append(f"if type(x{i}) is not t{i} or x{i} != c{i}: return None")
     names: dict[Any, str] = {}
     for i, d, e in c.plan:
         size = f"x{i}.shape[{d}]"
@@ -183,17 +185,28 @@ def _compile_checks(c: InputChecker) -> Any:
             names[e] = f"s{len(names)}"
             lo, hi = c.ranges.get(e, (0, None))
             lines.append(f"{names[e]} = {size}")
-            lines.append(f"if {names[e]} < {lo or 0}: return False")
+            lines.append(f"if {names[e]} < {lo or 0}: return None")
             if hi is not None:
-                lines.append(f"if {names[e]} > {hi}: return False")
+                lines.append(f"if {names[e]} > {hi}: return None")
         else:
-            lines.append(f"if {size} != {_py(e, names)}: return False")
+            lines.append(f"if {size} != {_py(e, names)}: return None")
     for sym, v in c.fixed.items():
         if sym in names:
-            lines.append(f"if {names[sym]} != {int(v)}: return False")
-    src = "def fast(flat):\n" + "".join(f"    {ln}\n" for ln in lines) + "    return True\n"
-    exec(compile(src, "<tdd_fx input checks>", "exec"), consts)
-    return consts["fast"]
+            lines.append(f"if {names[sym]} != {int(v)}: return None")
+    return lines
+
+
+def _compile(name: str, params: str, lines: list[str], scope: dict[str, Any]) -> Any:
+    src = f"def {name}({params}):\n" + "".join(f"    {ln}\n" for ln in lines)
+    exec(compile(src, f"<tdd_fx {name}>", "exec"), scope)
+    return scope[name]
+
+
+def _compile_checks(c: InputChecker) -> Any:
+    consts: dict[str, Any] = {}
+    lines = _check_lines(c, consts) + ["return True"]
+    fast = _compile("fast", "flat", lines, consts)
+    return lambda flat: fast(flat) is True
 
 
 class Program:
@@ -260,6 +273,10 @@ class Program:
         state = self.fetch(module)
         if [getattr(t, "dtype", None) for t in state] != self.state_dtypes:
             raise CallMismatch(self._converted(state))
+        return self.execute(module, state, flat)
+
+    def execute(self, module: nn.Module, state: list[Any], flat: list[Any]) -> Any:
+        """Run the graph on fetched state and checked inputs; write mutated buffers back."""
         try:
             # .forward (looked up per call: recompile() replaces it) skips nn.Module.__call__;
             # our own graph has no hooks
@@ -368,6 +385,99 @@ def _scan(module: nn.Module) -> tuple[tuple[bool, ...], nn.Module | None]:
     return tuple(flags), hooked
 
 
+def _tree(module: nn.Module) -> list[tuple[nn.Module, list[tuple[str, Any]]]]:
+    """Each module of the tree once, in :func:`_scan` order, with its ``_modules`` entries."""
+    out, seen, stack = [], set(), [module]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append((m, list(m._modules.items())))
+        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+    return out
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _tree_lines(tree: list[tuple[nn.Module, list[tuple[str, Any]]]], flags: tuple[bool, ...],
+                scope: dict[str, Any]) -> tuple[list[str], dict[int, str]]:
+    """Lines checking that the live tree is still ``tree`` (the same module objects in the same
+    places, nothing added), with ``flags``, and no hooks below the root (the root's own hooks
+    are run by ``nn.Module.__call__``)."""
+    var = {id(m): f"M{i}" for i, (m, _) in enumerate(tree)}
+    lines = []
+    for (m, children), flag in zip(tree, flags):
+        v = var[id(m)]
+        scope[v] = m
+        lines.append(f"if {v}.training is not {flag}: return None")
+        if m is not tree[0][0]:
+            lines.append("if " + " or ".join(f"{v}.{h}" for h in _HOOKS) + ": return None")
+        lines.append(f"c = {v}._modules")
+        lines.append(f"if len(c) != {len(children)}: return None")
+        for name, child in children:
+            want = "None" if child is None else var[id(child)]
+            lines.append(f"if c.get({name!r}) is not {want}: return None")
+    return lines, var
+
+
+def _state_lines(program: Program, root: nn.Module, var: dict[int, str],
+                 scope: dict[str, Any]) -> list[str]:
+    """Lines reading each state value live (as :func:`_fetcher`) into ``state``, each checked to
+    have its captured dtype."""
+    lines, values = [], []
+    slots = {"parameter": "_parameters", "buffer": "_buffers"}
+    scope.update(_fetch=_fetch, _getattr=getattr, constants=program.constants, root=root)
+    for k, ((kind, target), dtype) in enumerate(zip(program.state, program.state_dtypes)):
+        path, _, leaf = target.rpartition(".")
+        owner = root.get_submodule(path) if path else root
+        if kind in slots and id(owner) in var:
+            lines.append(f"v{k} = {var[id(owner)]}.{slots[kind]}.get({leaf!r})")
+            lines.append(f"if v{k} is None: v{k} = _getattr({var[id(owner)]}, {leaf!r})")
+        else:
+            lines.append(f"v{k} = _fetch(root, {kind!r}, {target!r}, constants)")
+        scope[f"sd{k}"] = dtype
+        lines.append(f"if v{k}.dtype is not sd{k}: return None")
+        values.append(f"v{k}")
+    lines.append(f"state = [{', '.join(values)}]")
+    return lines
+
+
+def _guarded(root: nn.Module, program: Program) -> Any:
+    """``(args, kwargs) -> (state, flat) | None``: every check of the full path (mode flags of
+    the whole tree, hooks, autocast, argument structure, input ranks/dtypes/devices/sizes,
+    layouts where they matter, state dtypes) compiled into straight-line code for this module
+    tree and this program; ``None`` means "take the full path" (which then either runs the
+    program or says why not).  ``None`` is returned instead of a function when the program's
+    size checks have no Python spelling."""
+    scope: dict[str, Any] = {
+        "is_autocast_enabled": torch.is_autocast_enabled, "compiler": torch.compiler,
+        "layout": layout, "flatten": program.flatten, "CallMismatch": CallMismatch,
+        **{f"g{i}": getattr(nn.modules.module, f"_global{h}")
+           for i, h in enumerate(_HOOKS)}}
+    lines = ["if compiler.is_compiling() or compiler.is_exporting(): return None",
+             "if is_autocast_enabled('cpu') or is_autocast_enabled('cuda'): return None",
+             "if g0 or g1 or g2 or g3: return None"]
+    if program.positional >= 0:
+        lines += [f"if kwargs or len(args) != {program.positional}: return None",
+                  "flat = list(args)"]
+    else:
+        lines += ["try: flat = flatten(args, kwargs)", "except CallMismatch: return None"]
+    try:
+        lines += _check_lines(program.checker, scope)
+    except _NoSpelling:
+        return None
+    for i, want in enumerate(program.layouts or ()):
+        if want is not None:
+            scope[f"lay{i}"] = want
+            lines.append(f"if layout(x{i}) != lay{i}: return None")
+    tree_lines, var = _tree_lines(_tree(root), program.flags, scope)
+    lines += tree_lines + _state_lines(program, root, var, scope) + ["return state, flat"]
+    body = ["try:", *(f"    {ln}" for ln in lines), "except (AttributeError, KeyError): return None"]
+    return _compile("guarded", "args, kwargs", body, scope)
+
+
 class Dispatch:
     """Chooses, per call, the program to run or the original forward (see the module
     docstring)."""
@@ -379,14 +489,36 @@ class Dispatch:
         #: modes (submodule flags) in which nothing was rewritten: the original runs, silently
         self.plain = list(plain or [])
         self.warned: set[str] = set()
+        #: the program of the last call that ran one, and its compiled guarded path
+        self.last: Program | None = None
+        self.guarded: Any = None
+        self._guarded: dict[int, Any] = {}
+        self._rebuilt = 0
+        #: the tree the programs were captured from: every submodule by path (the graphs inline
+        #: their code, so a submodule replaced after optimize means the original must run)
+        self.members = list(module.named_modules())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        guarded = self.guarded
+        hit = guarded(args, kwargs) if guarded is not None else None
+        if hit is not None:
+            return self.last.execute(self.module, *hit)
+        return self._full(args, kwargs)
+
+    def _full(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The full path: pick the program of the current flags, check the call, run it (and
+        compile its guarded path for the calls after), or say why not and run the original."""
         m = self.module
         flags, hooked = _scan(m)
         program = next((p for p in self.programs if p.flags == flags), None)
+        replaced = self._replaced()
+        if replaced:
+            program, flags = None, None
         if program is None and flags in self.plain:
             return type(m).forward(m, *args, **kwargs)
-        if program is None:
+        if replaced:
+            why = replaced
+        elif program is None:
             mode = "train" if m.training else "eval"
             why = (f"no graph was captured and verified for this mode ({mode}, with these "
                    "submodule train/eval flags)")
@@ -399,11 +531,45 @@ class Dispatch:
                 if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()
                         or (program.fast_check is not None and program.fast_check(flat))):
                     program.checker.check(flat)
-                return program.run(m, flat)
+                out = program.run(m, flat)
             except CallMismatch as exc:
                 why = str(exc)
+            else:
+                self._remember(program)
+                return out
         self._warn(why)
         return type(m).forward(m, *args, **kwargs)
+
+    def _remember(self, program: Program) -> None:
+        """Use ``program``'s guarded path from the next call on (compiled once per program for
+        this module tree; not while compiling or exporting, which take the full path)."""
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return
+        key = id(program)
+        if program is self.last:  # its guarded path missed a call the full path took
+            if self._rebuilt >= 8:  # (the tree changed shape for good: stop compiling)
+                return
+            self._rebuilt += 1
+            self._guarded.pop(key, None)
+        if key not in self._guarded:
+            self._guarded[key] = _guarded(self.module, program)
+        self.last, self.guarded = program, self._guarded[key]
+
+    def _replaced(self) -> str:
+        """What was replaced or removed in the module tree since optimize ("" when nothing)."""
+        for path, want in self.members:
+            try:
+                got = self.module.get_submodule(path)
+            except AttributeError:
+                return f"submodule {path} was removed after optimize"
+            if got is not want:
+                return (f"submodule {path} was replaced after optimize (by a "
+                        f"{type(got).__name__}); the captured graph inlines the old one's code")
+        return ""
+
+    def __getstate__(self) -> dict[str, Any]:
+        # compiled guarded paths hold this tree's module objects: rebuilt after a copy or a load
+        return {**self.__dict__, "last": None, "guarded": None, "_guarded": {}}
 
     def _warn(self, why: str) -> None:
         if why in self.warned:

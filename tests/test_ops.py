@@ -73,6 +73,22 @@ def test_time_distributed_dense_every_kernel(impl, shape, fd, d, bias):
         lambda x, w, b: time_distributed_dense(x, w, b, feature_dim=fd, impl=impl), shape, d, bias)
 
 
+@pytest.mark.parametrize("impl,shape,fd,d", kernel_cases())
+def test_pointwise_conv_weight_is_the_same_map_for_every_kernel(impl, shape, fd, d):
+    """A pointwise convolution's ``(out, in, 1, ...)`` weight, passed as it is (what the conv
+    family emits for the ``conv`` kernel), computes what its ``(out, in)`` view computes; its
+    gradient reaches the 3-D parameter."""
+    _check_against_reference(
+        lambda x, w, b: time_distributed_dense(x, w[(...,) + (None,) * (len(shape) - 2)], b,
+                                               feature_dim=fd, impl=impl), shape, d, True)
+
+
+def test_a_weight_with_a_real_kernel_is_refused():
+    x, w = rand(2, 3, 5), rand(4, 3, 3)
+    with pytest.raises(ValueError, match=r"neither \(out, in\) nor a pointwise"):
+        time_distributed_dense(x, w, None, feature_dim=1, impl="conv")
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("impl,shape,fd,d", kernel_cases())
 def test_kernel_called_directly(impl, shape, fd, d, bias):

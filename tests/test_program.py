@@ -103,3 +103,90 @@ def test_tree_flags_follow_modules_order() -> None:
     model = nn.Sequential(shared, nn.Sequential(nn.ReLU(), shared), nn.Dropout())
     model[1].eval()
     assert tree_flags(model) == tuple(m.training for m in model.modules())
+
+
+def _guarded_model() -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    model = Folded().eval()
+    x = torch.randn(2, 4, 6)
+    opt = tdd_fx.optimize(model, (x,))
+    opt(x)  # the first call takes the full path and compiles the guarded one
+    return model, opt, x
+
+
+def test_guarded_path_is_compiled_after_the_first_call_and_runs_the_program() -> None:
+    model, opt, _ = _guarded_model()
+    d = opt.forward.dispatch
+    assert d.guarded is not None and not d.last.training
+    for b in (2, 3, 5):  # (batch 1 is outside the captured range: export specialises it)
+        x = torch.randn(b, 4, 6)
+        hit = d.guarded((x,), {})
+        assert hit is not None
+        torch.testing.assert_close(d.last.execute(opt, *hit), model(x))
+
+
+def _hook(*_):
+    return None
+
+
+CHANGES = {
+    "a size outside the captured range": lambda opt, x: (opt, (torch.randn(1, 4, 6),), {}),
+    "another argument": lambda opt, x: (opt, (x, 2.0), {}),
+    "keyword call": lambda opt, x: (opt, (), {"x": x}),
+    "a submodule in train mode": lambda opt, x: (opt.fc.train() and opt, (x,), {}),
+    "a hook on a submodule": lambda opt, x: (opt.fc.register_forward_hook(_hook) and opt, (x,), {}),
+    "a global hook": lambda opt, x: (
+        nn.modules.module.register_module_forward_pre_hook(_hook) and opt, (x,), {}),
+    "a replaced submodule": lambda opt, x: (setattr(opt, "fc", nn.Linear(6, 5)) or opt, (x,), {}),
+    "converted state": lambda opt, x: (opt.double(), (x.double(),), {}),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_guarded_path_misses_every_change_the_full_path_checks(change) -> None:
+    """Each change the full path refuses (or treats otherwise) makes the guarded path miss, and
+    the call then gives what the original forward gives on the changed tree."""
+    _, opt, x = _guarded_model()
+    d = opt.forward.dispatch
+    opt, args, kwargs = CHANGES[change](opt, x)
+    try:
+        assert d.guarded(args, kwargs) is None
+        want = type(opt).forward(opt, *args, **kwargs)
+        with torch.autocast("cpu", enabled=False):
+            got = opt(*args, **kwargs)
+        torch.testing.assert_close(got, want)
+    finally:
+        nn.modules.module._global_forward_pre_hooks.clear()
+
+
+def test_guarded_path_misses_under_autocast() -> None:
+    _, opt, x = _guarded_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert opt.forward.dispatch.guarded((x,), {}) is None
+
+
+def test_a_replaced_submodule_runs_the_original_code_with_a_warning() -> None:
+    """The graph inlines the captured submodule's code: after ``opt.fc = <another module>`` the
+    original forward runs (before, the graph ran with whatever ``opt.fc.weight`` was)."""
+    _, opt, x = _guarded_model()
+
+    class Scaled(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 3 * super().forward(x)
+
+    opt.fc = Scaled(6, 5)
+    with pytest.warns(RuntimeWarning, match="fc was replaced after optimize"):
+        got = opt(x)
+    want = 3 * nn.functional.linear(x, opt.fc.weight, opt.fc.bias)
+    torch.testing.assert_close(got, want)
+
+
+def test_copies_compile_their_own_guarded_path() -> None:
+    import copy
+
+    _, opt, x = _guarded_model()
+    twin = copy.deepcopy(opt)
+    assert twin.forward.dispatch.guarded is None
+    torch.testing.assert_close(twin(x), opt(x))
+    twin.fc.register_forward_hook(_hook)
+    assert twin.forward.dispatch.guarded((x,), {}) is None
+    assert opt.forward.dispatch.guarded((x,), {}) is not None

@@ -200,8 +200,6 @@ def _emit(node_name: str, axes: list[int], rank: int, c: int, drop_channel: bool
         node = rw[node_name]
         x, w, b = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None
         out_ch = int(w.meta["val"].shape[0])
-        # the kernel's size-1 axes never change its row-major order: (O, C, *K) -> (O, C·F)
-        wv = rw.call(aten.reshape.default, (w, [out_ch, -1]), before=node)
         feats, n = [c, *axes], rank
         if drop_channel:
             x = rw.call(aten.squeeze.dim, (x, c), before=node)
@@ -215,8 +213,12 @@ def _emit(node_name: str, axes: list[int], rank: int, c: int, drop_channel: bool
                 x = rw.call(aten.permute.default, (x, order), before=node)
             x = rw.call(aten.flatten.using_ints, (x, c, c + len(feats) - 1), before=node)
             fd, n = c, n - len(feats) + 1
-        y = rw.tdd(x, wv, b, feature_dim=fd, site=node_name, before=node, like=node,
-                   impl=ops.choose_kernel(fd, n, prefer="conv"))
+        impl = ops.choose_kernel(fd, n, prefer="conv")
+        if impl == "conv" and fd == 1 and n == rank:  # the conv's own weight, as it is
+            wv = w
+        else:  # the kernel's size-1 axes never change its row-major order: (O, C, *K) -> (O, C·F)
+            wv = rw.call(aten.reshape.default, (w, [out_ch, -1]), before=node)
+        y = rw.tdd(x, wv, b, feature_dim=fd, site=node_name, before=node, like=node, impl=impl)
         z = y
         perm: list[int] = []
         if fd != c:  # the output channels go back to the conv's channel axis

@@ -13,8 +13,14 @@ the original ``Parameter`` and buffer objects) whose rewritten modules get an in
    ``load_state_dict(assign=True)``, ``functional_call`` and parametrizations are honoured) and
    runs the graph.
 
-Whenever 1 or 2 fails it runs the user's original ``forward`` on the same live module tree, with a
-one-time warning saying what differed.  Nothing is ever silently skipped.
+Whenever 1 or 2 fails — or a submodule was replaced since optimize (the graph inlines its old
+code) — it runs the user's original ``forward`` on the same live module tree, with a one-time
+warning saying what differed.  Nothing is ever silently skipped.
+
+After the first call that runs a program, the same checks run as one straight-line function
+compiled for this module tree and program (:func:`_guarded`: the tree's module objects, flags and
+hook dicts, the inputs' sizes, the state's dtypes), a few microseconds a call; anything it does
+not recognise takes the full path above, which gives the result or the reason.
 """
 
 from __future__ import annotations
@@ -511,18 +517,14 @@ class Dispatch:
         m = self.module
         flags, hooked = _scan(m)
         program = next((p for p in self.programs if p.flags == flags), None)
-        replaced = self._replaced()
-        if replaced:
-            program, flags = None, None
         if program is None and flags in self.plain:
             return type(m).forward(m, *args, **kwargs)
-        if replaced:
-            why = replaced
-        elif program is None:
+        why = self._replaced()
+        if program is None and not why:
             mode = "train" if m.training else "eval"
             why = (f"no graph was captured and verified for this mode ({mode}, with these "
                    "submodule train/eval flags)")
-        else:
+        if program is not None and not why:
             try:
                 _check_context(m, hooked)
                 flat = program.flatten(args, kwargs)

@@ -1,5 +1,6 @@
 """Layout across regions: chains of channel-first sites run features-last, one transpose in and
-one out, instead of a transpose pair (or a channel-first kernel) per site.
+one out, instead of a transpose pair per site, where that copies fewer tensors between layouts
+(:func:`fewer_transposes`: a chain of ``conv`` sites, which transpose nothing, stays as it is).
 
 The identity the pass relies on.  Let R be a region of the rewritten graph: canonical nodes
 ``time_distributed_dense(., W, b, feature_dim=d)`` with the same non-last ``d`` on tensors of the
@@ -19,15 +20,31 @@ Then ``R(x) == movedim(R'(movedim(x, d, -1)), -1, d)`` where ``R'`` is ``R`` wit
 ``feature_dim`` set to ``-1`` (kernel ``linear``): every op of R commutes with the same
 permutation of axes applied to all of its operands (elementwise ops and broadcasting between
 same-rank operands do; the dense map reads only the feature axis, which the permutation sends to
-the last axis).  Each value that leaves R is moved back (``movedim(v', -1, d)``, copied to
-contiguous rows, the layout the channel-first op gave it).
+the last axis).  Each value that leaves R is moved back (``movedim(v', -1, d)``) in the layout
+it had: copied to contiguous rows where a channel-first op gave it those, a view where its
+features were innermost (a transposing kernel's output).
 
 Conditions (each a named check returning the reason it fails): at least two canonical nodes (one
 site keeps its kernel); every op in the allowed tables; no view or reshape inside; no in-place op
 on a value of the region, on its inputs or on the transposes it replaces; a region value used as
-a weight is not moved; the transposes paid (inputs moved, values moved back) at most the number
-of sites.  The pass does nothing at all in a graph that draws random numbers (dropout masks
-depend on the memory layout of what they drop).
+a weight is not moved; and the move removes work (:func:`fewer_transposes`): it copies fewer
+tensors between layouts than the region copies as it stands.  The pass does nothing at all in a
+graph that draws random numbers (dropout masks depend on the memory layout of what they drop).
+
+The cost rule.  A transpose costs a copy where data changes layout; a ``movedim`` view costs
+nothing.  Before the move, each value of the region is either channel-first rows (a ``conv``,
+``matmul`` or ``baddbmm`` kernel's output, a graph input) or features innermost (a transposing
+kernel's output: ``linear_t``/``linear_tc`` run ``F.linear`` on the features moved last and move
+the result back as a view); elementwise ops keep their first full operand's layout.  Copies
+before: each site whose input is not in the layout its kernel reads (transposing kernels read
+features innermost, the others channel-first rows), each transpose out of the layout of a
+channel-first value (a layer norm then copies it).  Copies after: each full input from outside
+not already features innermost, each value leaving that was channel-first rows (it is copied
+back to them; one whose features were innermost leaves as a view, the layout it had).  So a
+stack of pointwise convs (each site reads and writes channel-first rows, no copy) is left as it
+is, and a stack of transposing sites is moved when it copies a channel-first value more than the
+one move in and out would (e.g. after each residual add, whose channel-first input decides the
+sum's layout).
 """
 
 from __future__ import annotations
@@ -160,6 +177,9 @@ class Region:
     outs: list[fx.Node] = field(default_factory=list)
     #: members read by a member other than as a channel-first operand (as a weight)
     weights: list[fx.Node] = field(default_factory=list)
+    #: member or input -> whether its features are innermost in memory before the move (the
+    #: rest are channel-first rows): see :func:`layouts`
+    inner: dict[fx.Node, bool] = field(default_factory=dict)
 
 
 def _member(n: fx.Node, key: tuple[int, int]) -> bool:
@@ -262,7 +282,78 @@ def analyse(key: tuple[int, int], members: list[fx.Node]) -> Region:
             continue  # a transpose into the region: outside users keep reading it
         for u in m.users:
             _classify_user(reg, m, u, inside)
+    reg.inner = layouts(reg)
     return reg
+
+
+# --- layouts before the move ---------------------------------------------------------------
+#: kernels (:data:`tdd_fx.ops.KERNELS`) that run ``F.linear`` on the features moved last and move
+#: the result back: they read features innermost (copying channel-first rows first) and leave
+#: features innermost; ``conv`` (on axis 1 of a 3-5-D input), ``matmul`` and ``baddbmm`` read and
+#: write channel-first rows
+TRANSPOSING = frozenset({"linear", "linear_t", "linear_tc"})
+
+
+def transposing(site: fx.Node) -> bool:
+    """The site's kernel moves the features last and back (``conv`` does too off axis 1 or
+    outside 3-5-D inputs: it falls back to ``linear_t``)."""
+    impl = site.kwargs.get("impl", "linear")
+    d, r = site_key(site) or (-1, 0)
+    if impl in ("conv", "conv1d"):
+        return not (d == 1 and 3 <= r <= 5)
+    return impl in TRANSPOSING
+
+
+def _hint(s: Any) -> int:
+    return int(s.node.hint) if isinstance(s, torch.SymInt) else int(s)
+
+
+def inner_on_example(a: Any, d: int) -> bool:
+    """``a``'s features (axis ``d``) are innermost in memory on the example: ``movedim(d, -1)``
+    is contiguous (axes of size 1 aside)."""
+    v = _val(a)
+    if not isinstance(v, torch.Tensor) or v.dim() <= d:
+        return False
+    try:
+        dims = [(_hint(v.shape[i]), _hint(v.stride()[i])) for i in to_last(d, v.dim())]
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    want = 1
+    for size, stride in reversed(dims):
+        if size != 1 and stride != want:
+            return False
+        want *= size
+    return True
+
+
+def layouts(reg: Region) -> dict[fx.Node, bool]:
+    """Whether each member and input of ``reg`` has its features innermost before the move:
+    inputs as on the example; a site as its kernel leaves them; a transpose into the region as
+    on the example; an elementwise op as its first full operand (the one that decides the
+    layout of the result), else its first operand."""
+    d, _ = reg.key
+    inner = {a: inner_on_example(a, d) for a in reg.entries}
+    for m in reg.members:  # in graph order: operands first
+        if m.target is _TDD:
+            inner[m] = transposing(m)
+        elif m.target in _PERMS:
+            inner[m] = inner_on_example(m, d)
+        else:
+            args = data_args(m, reg.key)
+            full = [a for a in args if _paid(a, reg.key)] or args
+            inner[m] = bool(full) and inner.get(full[0], False)
+    return inner
+
+
+def copies(reg: Region) -> tuple[int, int]:
+    """Tensors copied from one layout to the other by the region as it stands, and after the
+    move (see the module's cost rule)."""
+    inner = reg.inner
+    before = sum(inner.get(s.args[0], False) != transposing(s) for s in reg.sites)
+    before += sum(not inner.get(p.args[0], False) for p in reg.outs)
+    after = sum(paid and not inner[a] for a, paid in reg.entries.items())
+    after += sum(not inner[m] for m in reg.exits)
+    return before, after
 
 
 # --- conditions ----------------------------------------------------------------------------
@@ -294,15 +385,20 @@ def no_weight_use(reg: Region) -> str | None:
     return f"a region value used as a weight: {names}" if names else None
 
 
-def transposes_pay(reg: Region) -> str | None:
-    paid = sum(reg.entries.values()) + len(reg.exits)
-    if paid <= len(reg.sites):
+def fewer_transposes(reg: Region) -> str | None:
+    """The move removes work: it copies fewer tensors between layouts than the region does as it
+    stands (sites whose kernels read channel-first rows, ``conv``, copy nothing: moving them
+    only adds the transposes in and out)."""
+    before, after = copies(reg)
+    if after < before:
         return None
-    return f"{paid} transposes in/out for {len(reg.sites)} site(s) (values escape mid-region)"
+    kernels = "/".join(s.kwargs.get("impl", "linear") for s in reg.sites)
+    return (f"features-last would copy {after} tensor(s) between layouts to save {before} "
+            f"(kernels {kernels})")
 
 
 CHECKS: list[Callable[[Region], str | None]] = [
-    enough_sites, allowed_ops, no_views, no_in_place, no_weight_use, transposes_pay]
+    enough_sites, allowed_ops, no_views, no_in_place, no_weight_use, fewer_transposes]
 
 
 def random_op(graph: fx.Graph) -> str | None:
@@ -374,8 +470,9 @@ def move(rw: Rewriter, reg: Region) -> None:
 
 
 def _leave(rw: Rewriter, reg: Region, moved: dict[fx.Node, Any]) -> None:
-    """Users outside read the value moved back (contiguous, as the channel-first op left it);
-    size reads a free view; transposes out of the layout the moved value itself."""
+    """Users outside read the value moved back in the layout it had: copied to channel-first
+    rows where it was in them, a view where its features were innermost; size reads a free view;
+    transposes out of the layout the moved value itself."""
     d, r = reg.key
     order = {n: i for i, n in enumerate(rw.graph.nodes)}
     for users, copy in [(reg.exits, True), (reg.sizes, False)]:
@@ -383,7 +480,7 @@ def _leave(rw: Rewriter, reg: Region, moved: dict[fx.Node, Any]) -> None:
             first = min(us, key=order.__getitem__)
             back = rw.call(aten.permute.default, (moved[m], from_last(d, r)), before=first,
                            like=m)
-            if copy:
+            if copy and not reg.inner[m]:
                 back = rw.call(aten.contiguous.default, (back,), before=first, like=m)
             for u in us:
                 u.replace_input_with(m, back)

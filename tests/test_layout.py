@@ -1,8 +1,13 @@
 """Layout across regions (tdd_fx/layout.py): consecutive channel-first sites and the row-wise ops
-between them run features-last, one transpose in and one out; the pass never fires where it
-could change a result (random ops, a single site, ops that mix positions, costly escapes)."""
+between them run features-last, one transpose in and one out, where that removes work: sites
+whose kernels transpose (channel-first sandwiches, ``linear_tc``) fed channel-first values.  The
+pass never fires where it would add transposes (pointwise-conv stacks: the ``conv`` kernel reads
+channel-first rows as they are) or could change a result (random ops, a single site, ops that mix
+positions, costly escapes)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -11,11 +16,12 @@ from conftest import assert_equivalent
 from torch import nn
 
 import tdd_fx
+from tdd_fx import layout
 from tdd_fx.ops import time_distributed_dense
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-C, H = 6, 10
+C, H, G = 6, 10, 3
 SIZES = [(3, 7), (2, 2), (5, 12), (2, 33)]  # (batch, time)
 _LAYOUT = {"permute", "transpose", "movedim", "t", "numpy_T"}
 
@@ -92,6 +98,70 @@ class Escape(nn.Module):
         return x, mid
 
 
+
+
+# --- channel-first sandwiches: features on axis 2 of (B, G, C, T), kernel linear_tc ---------
+class Sand4(nn.Module):
+    """``Linear`` over axis 2 spelled ``fc(x.transpose(2, 3)).transpose(2, 3)``: its site reads
+    features innermost (``linear_tc`` copies channel-first rows first) and leaves them there."""
+
+    def __init__(self, i: int, o: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(i, o)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.transpose(2, 3)).transpose(2, 3)
+
+
+class Residual4(nn.Module):
+    """``k`` blocks ``x + b(drop(relu(a(x))))``: each sum is channel-first (its first operand
+    decides), so each block's first site copies its input; ``escape`` also returns block 0's
+    sum (channel-first)."""
+
+    def __init__(self, k: int, dropout: float = 0.0, escape: bool = False) -> None:
+        super().__init__()
+        self.a = nn.ModuleList([Sand4(C, H) for _ in range(k)])
+        self.b = nn.ModuleList([Sand4(H, C) for _ in range(k)])
+        self.drop, self.escape = nn.Dropout(dropout), escape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        sums = []
+        for a, b in zip(self.a, self.b):
+            x = x + b(self.drop(torch.relu(a(x))))
+            sums.append(x)
+        return (x, sums[0]) if self.escape else x
+
+
+class Gated4(nn.Module):
+    """``b(x * sigmoid(a(x)))``: the gate's product is channel-first, so ``b`` copies it too;
+    ``escape`` also returns the gate (features innermost)."""
+
+    def __init__(self, escape: bool = False) -> None:
+        super().__init__()
+        self.a, self.b, self.escape = Sand4(C, C), Sand4(C, H), escape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        gate = torch.sigmoid(self.a(x))
+        y = self.b(x * gate)
+        return (y, gate) if self.escape else y
+
+
+class Split4(nn.Module):
+    """Two gated halves on either side of an op that mixes time steps (its output is
+    channel-first rows)."""
+
+    def __init__(self, mix: str) -> None:
+        super().__init__()
+        self.first, self.second, self.mix = Gated4(), Gated4(), mix
+        self.first.b = Sand4(C, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x)
+        if self.mix == "avg_pool":  # a moving average over 3 time steps
+            return self.second(F.avg_pool2d(h, (1, 3), stride=1, padding=(0, 1)))
+        return self.second(torch.roll(h, 1, 3))
+
+
 def _kind(n) -> str:
     return getattr(n.target, "__name__", str(n.target)).split(".")[0]
 
@@ -100,68 +170,207 @@ def layout_ops(gm) -> list:
     return [n for n in gm.graph.nodes if n.op == "call_function" and _kind(n) in _LAYOUT]
 
 
+def copies(gm) -> list:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and _kind(n) == "contiguous"]
+
+
 def canonical(gm) -> list:
+    """The canonical nodes of a graph module or of a rewriter's graph."""
     return [n for n in gm.graph.nodes if n.target is time_distributed_dense]
 
 
-def optimized(model: nn.Module, mode: str = "eval") -> tuple[nn.Module, object]:
+def rank3(b: int, t: int) -> torch.Tensor:
+    return torch.randn(b, C, t)
+
+
+def rank4(b: int, t: int) -> torch.Tensor:
+    return torch.randn(b, G, C, t)
+
+
+@dataclass
+class Said:
+    """What the layout pass saw and said, over every graph built: the kernels of the sites it
+    was given, and why it left regions as they were."""
+
+    kernels: set[str] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+def said(monkeypatch) -> Said:
+    log = Said()
+    real = layout.features_last
+
+    def spy(rw) -> list[str]:
+        log.kernels.update(n.kwargs["impl"] for n in canonical(rw))
+        out = real(rw)
+        log.notes.extend(out)
+        return out
+
+    monkeypatch.setattr(layout, "features_last", spy)
+    return log
+
+
+def optimized(model: nn.Module, mode: str = "eval", make=rank3) -> tuple[nn.Module, object]:
     model.train(mode == "train")
-    opt = tdd_fx.optimize(model, (torch.randn(4, C, 9),))
+    opt = tdd_fx.optimize(model, (make(4, 9),))
     assert len(opt.tdd_report.rewritten) >= 1, str(opt.tdd_report)
     return opt, tdd_fx.graph_of(opt, mode=mode)
 
 
-def assert_same_everywhere(opt: nn.Module, model: nn.Module) -> None:
+def assert_same_everywhere(opt: nn.Module, model: nn.Module, make=rank3) -> None:
     for b, t in SIZES:
-        assert_equivalent(opt, model, (torch.randn(b, C, t),))
+        assert_equivalent(opt, model, (make(b, t),))
 
 
-def assert_features_last(gm, sites: int) -> None:
-    """One transpose into the region, one out of it, every canonical node features-last."""
+def assert_same_layouts(opt: nn.Module, model: nn.Module, make=rank4) -> None:
+    """Each output keeps the memory layout the original gave it (copied back to channel-first
+    rows where they were, a view where the features were innermost)."""
+    x = make(2, 5)
+    with torch.no_grad():
+        want, got = model(x), opt(x)
+    for w, g in zip(want if isinstance(want, tuple) else (want,),
+                    got if isinstance(got, tuple) else (got,), strict=True):
+        assert g.stride() == w.stride()
+
+
+def assert_features_last(gm, sites: int, outs: int = 1) -> None:
+    """One transpose into the region, ``outs`` out of it, every canonical node features-last."""
     nodes = canonical(gm)
     assert len(nodes) == sites
     assert all(n.kwargs["feature_dim"] == -1 and n.kwargs["impl"] == "linear" for n in nodes)
     moves = layout_ops(gm)
-    assert len(moves) == 2, gm.code
-    first, last = canonical(gm)[0], canonical(gm)[-1]
+    assert len(moves) == 1 + outs, gm.code
+    first, last = nodes[0], nodes[-1]
     order = list(gm.graph.nodes)
-    assert order.index(moves[0]) < order.index(first) < order.index(last) < order.index(moves[1])
+    assert order.index(moves[0]) < order.index(first)
+    assert all(order.index(first) < order.index(m) for m in moves[1:])
+    assert order.index(last) < order.index(moves[-1])
 
 
-# --- the pass fires ------------------------------------------------------------------------
-@pytest.mark.parametrize("make,sites", [(TCN, 2), (TasNetBlock, 2), (Chain3, 3)],
-                         ids=["tcn", "tasnet_layernorm", "chain3_gelu"])
-def test_region_runs_features_last(make, sites) -> None:
+def assert_left_alone(gm, said: Said, sites: int, impl: str, reason: str) -> None:
+    """Every canonical node keeps its channel-first kernel; each region left says why."""
+    nodes = canonical(gm)
+    assert len(nodes) == sites
+    assert all(n.kwargs["feature_dim"] != -1 and n.kwargs["impl"] == impl for n in nodes)
+    assert said.notes and all(reason in n for n in said.notes), said.notes
+
+
+# --- the pass fires: transposing sites fed channel-first values ----------------------------
+@pytest.mark.parametrize("make,sites,copied", [
+    (lambda: Residual4(3), 6, 2), (Gated4, 2, 1)], ids=["residual_x3", "gated"])
+def test_transposing_region_runs_features_last(make, sites, copied, said) -> None:
     model = make()
-    opt, gm = optimized(model)
+    opt, gm = optimized(model, make=rank4)
+    assert said.kernels == {"linear_tc"} and said.notes == []
     assert_features_last(gm, sites)
-    assert not any(n.target == torch.ops.aten.layer_norm.default
-                   and _kind(n.args[0]) in _LAYOUT for n in gm.graph.nodes)
-    assert_same_everywhere(opt, model)
+    # the input copied once in; the result copied back only where it was channel-first rows
+    assert len(copies(gm)) == copied
+    assert_same_everywhere(opt, model, rank4)
+    assert_same_layouts(opt, model)
 
 
-def test_train_mode_without_random_ops_moves_too() -> None:
-    model = TCN()
-    opt, gm = optimized(model, "train")
-    assert_features_last(gm, 2)
-    assert_same_everywhere(opt, model)
+def test_train_mode_without_random_ops_moves_too(said) -> None:
+    model = Residual4(3)
+    opt, gm = optimized(model, "train", rank4)
+    assert_features_last(gm, 6)
+    assert_same_everywhere(opt, model, rank4)
 
 
-def test_eval_dropout_is_the_identity() -> None:
-    model = TCN(dropout=0.3)
-    opt, gm = optimized(model, "eval")
-    assert_features_last(gm, 2)
-    assert_same_everywhere(opt, model)
+def test_eval_dropout_is_the_identity(said) -> None:
+    model = Residual4(3, dropout=0.3)
+    opt, gm = optimized(model, "eval", rank4)
+    assert_features_last(gm, 6)
+    assert_same_everywhere(opt, model, rank4)
+
+
+@pytest.mark.parametrize("mix", ["avg_pool", "roll"])
+def test_ops_mixing_positions_split_the_region(mix, said) -> None:
+    model = Split4(mix)
+    opt, gm = optimized(model, make=rank4)
+    nodes = canonical(gm)
+    assert len(nodes) == 4 and all(n.kwargs["feature_dim"] == -1 for n in nodes)
+    assert len(layout_ops(gm)) == 4  # in and out of each half
+    mixer = next(n for n in gm.graph.nodes
+                 if n.op == "call_function" and _kind(n) in ("avg_pool2d", "roll"))
+    assert _kind(mixer.args[0]) == "permute"  # reads the value moved back (a view)
+    assert _kind(next(iter(mixer.users))) == "permute"  # and is moved again after
+    assert_same_everywhere(opt, model, rank4)
+    assert_same_layouts(opt, model)
+
+
+def test_escape_with_features_innermost_leaves_as_a_view(said) -> None:
+    model = Gated4(escape=True)
+    opt, gm = optimized(model, make=rank4)
+    assert_features_last(gm, 2, outs=2)
+    assert len(copies(gm)) == 1  # the input; the gate and the result leave as views
+    assert_same_everywhere(opt, model, rank4)
+    assert_same_layouts(opt, model)
+
+
+def test_channel_first_escape_is_copied_back(said) -> None:
+    model = Residual4(4, escape=True)
+    opt, gm = optimized(model, make=rank4)
+    assert_features_last(gm, 8, outs=2)
+    assert len(copies(gm)) == 3  # in; the result and block 0's sum back to channel-first rows
+    assert_same_everywhere(opt, model, rank4)
+    assert_same_layouts(opt, model)
 
 
 # --- the pass does not fire ----------------------------------------------------------------
-def test_train_dropout_keeps_per_site_kernels() -> None:
-    model = TCN(dropout=0.3)
-    opt, gm = optimized(model, "train")
-    nodes = canonical(gm)
-    assert len(nodes) == 2 and all(n.kwargs["feature_dim"] == 1 for n in nodes)
-    assert [n.kwargs["impl"] for n in nodes] == ["conv", "conv"]
+_NO_GAIN = "features-last would copy"
+
+
+@pytest.mark.parametrize("make,sites,own", [
+    (TCN, 2, 0), (TasNetBlock, 2, 2), (Chain3, 3, 0), (lambda: Split("cumsum"), 4, 0),
+    (lambda: Escape(3), 3, 0)],
+    ids=["tcn", "tasnet_layernorm", "chain3_gelu", "split", "escape"])
+def test_conv_stacks_are_left_alone(make, sites, own, said) -> None:
+    """The ``conv`` kernel reads and writes channel-first rows: the move would only add the
+    transposes in and out (and switch the kernels to ``linear``)."""
+    model = make()
+    opt, gm = optimized(model)
+    assert said.kernels == {"conv"}
+    assert_left_alone(gm, said, sites, "conv", _NO_GAIN)
+    assert all("(kernels conv/conv" in n for n in said.notes)
+    assert len(layout_ops(gm)) == own  # the model's own (a layer norm's transposes)
+    assert copies(gm) == []
+    assert_same_everywhere(opt, model)
+
+
+@pytest.mark.parametrize("blocks,saved", [(1, 1), (2, 2)])
+def test_transposing_blocks_that_would_not_gain_are_left_alone(blocks, saved, said) -> None:
+    """One residual block copies its input once; moving it copies the input and the sum back
+    (2); two blocks: 2 for 2, a tie, left alone."""
+    model = Residual4(blocks)
+    opt, gm = optimized(model, make=rank4)
+    assert_left_alone(gm, said, 2 * blocks, "linear_tc",
+                      f"would copy 2 tensor(s) between layouts to save {saved} ")
     assert layout_ops(gm) == []
+    assert_same_everywhere(opt, model, rank4)
+
+
+def test_escape_mid_region_too_costly_keeps_kernels(said) -> None:
+    """Block 0's sum leaving costs a copy back: 3 for the 3 the blocks copy."""
+    model = Residual4(3, escape=True)
+    opt, gm = optimized(model, make=rank4)
+    assert_left_alone(gm, said, 6, "linear_tc", "would copy 3 tensor(s) between layouts to save 3")
+    assert layout_ops(gm) == []
+    assert_same_everywhere(opt, model, rank4)
+
+
+@pytest.mark.parametrize("make,impl,sizes", [
+    (lambda: TCN(dropout=0.3), "conv", rank3),
+    (lambda: Residual4(3, dropout=0.3), "linear_tc", rank4)], ids=["conv", "transposing"])
+def test_train_dropout_keeps_per_site_kernels(make, impl, sizes, said) -> None:
+    model = make()
+    opt, gm = optimized(model, "train", sizes)
+    nodes = canonical(gm)
+    assert len(nodes) >= 2 and all(n.kwargs["feature_dim"] in (1, 2) for n in nodes)
+    assert {n.kwargs["impl"] for n in nodes} == {impl}
+    assert layout_ops(gm) == []
+    # (the eval-mode graph, built too, has no random op)
+    assert any("random op dropout: the pass does not run" in n for n in said.notes), said.notes
 
 
 class Single(nn.Module):
@@ -173,38 +382,9 @@ class Single(nn.Module):
         return torch.relu(self.conv(x)) * 2.0
 
 
-def test_single_site_keeps_its_kernel() -> None:
+def test_single_site_keeps_its_kernel(said) -> None:
     opt, gm = optimized(Single())
     (node,) = canonical(gm)
     assert node.kwargs["feature_dim"] == 1 and node.kwargs["impl"] == "conv"
     assert layout_ops(gm) == []
-
-
-@pytest.mark.parametrize("mix", ["conv3", "cumsum"])
-def test_ops_mixing_positions_split_the_region(mix) -> None:
-    model = Split(mix)
-    opt, gm = optimized(model)
-    nodes = canonical(gm)
-    assert len(nodes) == 4 and all(n.kwargs["feature_dim"] == -1 for n in nodes)
-    assert len(layout_ops(gm)) == 4  # in and out of each half
-    mixer = next(n for n in gm.graph.nodes
-                 if n.op == "call_function" and _kind(n) in ("conv1d", "cumsum"))
-    assert _kind(mixer.args[0]) in ("contiguous", "permute")  # reads the value moved back
-    assert _kind(next(iter(mixer.users))) == "permute"  # and is moved again after
-    assert_same_everywhere(opt, model)
-
-
-def test_escape_mid_region_too_costly_keeps_kernels() -> None:
-    model = Escape(2)
-    opt, gm = optimized(model)
-    assert all(n.kwargs["feature_dim"] == 1 for n in canonical(gm))
-    assert layout_ops(gm) == []
-    assert_same_everywhere(opt, model)
-
-
-def test_escape_mid_region_is_moved_back() -> None:
-    model = Escape(3)
-    opt, gm = optimized(model)
-    assert all(n.kwargs["feature_dim"] == -1 for n in canonical(gm))
-    assert len(layout_ops(gm)) == 3  # in; out for the result and for the escaping value
-    assert_same_everywhere(opt, model)
+    assert all("a single site keeps its kernel" in n for n in said.notes)

@@ -2,13 +2,15 @@
 
     python benchmarks/bench_overhead.py [--threads 1]
 
-Each call of an optimized module picks the program of the current train/eval flags (one walk of
-the module tree, which also looks for hooks registered after optimize), checks the call against
-what the capture covered (compiled straight-line checks), reads the parameters live and runs the
-graph.  This prints, per model: the original's forward, the optimized forward, the graph alone
-(``gm.forward`` on pre-fetched state: what the rewrite itself costs or saves), and the difference
-(the dispatch).  Forward under ``torch.no_grad()``, float32, eval mode; best of interleaved
-repeats.
+Each call of an optimized module runs one straight-line function compiled for its module tree
+and program after the first call (the guarded path: the whole tree's train/eval flags and hook
+dicts, autocast, the inputs' ranks/dtypes/devices/sizes, the state's dtypes, read live), then
+the graph; anything the guarded path does not recognise takes the full path, which checks
+again and says why it falls back.  This prints, per model: the original's forward, the
+optimized forward, the graph alone (``gm.forward`` on pre-fetched state: what the rewrite itself
+costs or saves), and the difference (the dispatch, including ``nn.Module.__call__`` of the
+root, which the original pays too).  Forward under ``torch.no_grad()``, float32, eval mode; best
+of interleaved repeats.
 """
 
 from __future__ import annotations

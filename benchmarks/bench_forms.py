@@ -5,9 +5,12 @@
     python benchmarks/bench_forms.py --device cuda --compile
 
 For each (form, shape (B, T, F, O), dtype, mode) the variants run interleaved, round after round,
-in one process; the table gives medians and the ratios that matter: optimized / original (the
-default must never be slower: <= 1.02), optimized / nn.Linear (the canonical node should cost what
-the plain layer costs).  ``--compile`` adds ``torch.compile`` of the original and of the optimized
+in one process; the table gives medians of times and, for the ratios that matter, the median of
+the per-round ratios (each round's two timings share that round's machine state): optimized /
+original (the default must never be slower: <= 1.02) with ``±`` its noise (half the
+inter-quartile range of those ratios), optimized / nn.Linear (the canonical node should cost
+what the plain layer costs).  The last lines name the worst row, and the rows slower than 1.02
+by more than their noise.  ``--compile`` adds ``torch.compile`` of the original and of the optimized
 model as columns (ratios to the original) with their compile times.
 Modes: ``infer`` a forward under ``torch.no_grad()``; ``train`` forward + backward with input and
 parameter gradients; ``train_nograd`` the same without an input gradient (a first layer).
@@ -68,8 +71,9 @@ def compiled(model: nn.Module, inputs: tuple[torch.Tensor, ...], mode: str
 
 
 def measure(fns: dict[str, Callable[[], None]], device: torch.device, rounds: int,
-            min_time: float = 0.02) -> dict[str, float]:
-    """Median seconds per call of each function, measured interleaved."""
+            min_time: float = 0.02) -> dict[str, list[float]]:
+    """Seconds per call of each function in each round, the functions interleaved round after
+    round (so a ratio of two functions in one round shares that round's machine state)."""
     iters = {}
     for name, fn in fns.items():  # warm up, and pick an iteration count per round
         fn()
@@ -89,7 +93,14 @@ def measure(fns: dict[str, Callable[[], None]], device: torch.device, rounds: in
                 fn()
             _sync(device)
             samples[name].append((time.perf_counter() - t0) / iters[name])
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return samples
+
+
+def paired(samples: dict[str, list[float]], a: str, b: str) -> tuple[float, float]:
+    """Median of the per-round ratios a/b, and their half inter-quartile range (the noise)."""
+    r = sorted(x / y for x, y in zip(samples[a], samples[b]))
+    q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+    return statistics.median(r), (q[2] - q[0]) / 2
 
 
 def bench(form: str, shape: tuple[int, int, int, int], mode: str, dtype: torch.dtype,
@@ -113,19 +124,21 @@ def bench(form: str, shape: tuple[int, int, int, int], mode: str, dtype: torch.d
             fns[name], _ = compiled(m, inputs, mode)
             compile_s[name] = time.perf_counter() - t0
             t0 = time.perf_counter()
-    times = measure(fns, device, rounds)
+    samples = measure(fns, device, rounds)
+    times = {name: statistics.median(v) for name, v in samples.items()}
+    ratio, noise = paired(samples, "optimized", "original")
     kernels = {s.kernel for s in optimized.tdd_report.rewritten} or {"(not rewritten)"}
     row: dict[str, object] = {
         "form": form, "B,T,F,O": ",".join(map(str, shape)), "mode": mode,
         "dtype": str(dtype).replace("torch.", ""), "kernel": "/".join(sorted(kernels)),
         "original ms": times["original"] * 1e3, "optimized ms": times["optimized"] * 1e3,
         "nn.Linear ms": times["nn.Linear"] * 1e3,
-        "opt/orig": times["optimized"] / times["original"],
-        "opt/linear": times["optimized"] / times["nn.Linear"],
+        "opt/orig": ratio, "±": noise,
+        "opt/linear": paired(samples, "optimized", "nn.Linear")[0],
     }
     for name, seconds in compile_s.items():
         short = name.replace("compiled ", "compile(") + ")"
-        row[f"{short}/orig"] = times[name] / times["original"]
+        row[f"{short}/orig"] = paired(samples, name, "original")[0]
         row[f"{short} compile s"] = seconds
     return row
 
@@ -138,7 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     p.add_argument("--dtype", nargs="*", default=["float32", "bfloat16"])
     p.add_argument("--compile", action="store_true", help="add torch.compile columns")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
     args = p.parse_args(argv)
     if args.threads:
@@ -157,8 +170,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
     print(tabulate(rows, headers="keys", floatfmt=".3f", tablefmt="github"))
     worst = max(rows, key=lambda r: r["opt/orig"])
-    print(f"worst optimized/original: {worst['opt/orig']:.3f} ({worst['form']} {worst['B,T,F,O']} "
-          f"{worst['dtype']} {worst['mode']})")
+    print(f"worst optimized/original: {worst['opt/orig']:.3f} ± {worst['±']:.3f} ({worst['form']} "
+          f"{worst['B,T,F,O']} {worst['dtype']} {worst['mode']})")
+    slower = [r for r in rows if r["opt/orig"] - r["±"] > 1.02]
+    print(f"slower than 1.02 beyond noise: {len(slower)} of {len(rows)} rows" + "".join(
+        f"\n  {r['form']} {r['B,T,F,O']} {r['dtype']} {r['mode']}: {r['opt/orig']:.3f} ± "
+        f"{r['±']:.3f}" for r in slower))
     return rows
 
 

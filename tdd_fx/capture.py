@@ -151,15 +151,23 @@ def capture(model: nn.Module, example: Example, training: bool | None) -> Captur
 
 
 def layout(x: Any) -> Any:
-    """A tensor's memory layout class: "contiguous", "channels_last", or the order of its axes
-    by decreasing stride (None for a non-tensor)."""
+    """A tensor's memory layout class: "contiguous", "channels_last", the order of its axes
+    by decreasing stride when it is dense in that order, else ``("gaps", order)`` (a slice with
+    a step, an expanded axis: what views and copies do differs from dense data in that order);
+    None for a non-tensor."""
     if not isinstance(x, torch.Tensor):
         return None
     if x.is_contiguous():
         return "contiguous"
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         return "channels_last"
-    return tuple(sorted(range(x.dim()), key=lambda d: (-x.stride(d), d)))
+    order = tuple(sorted(range(x.dim()), key=lambda d: (-x.stride(d), d)))
+    step = 1
+    for d in reversed(order):
+        if x.shape[d] != 1 and x.stride(d) != step:
+            return ("gaps", order)
+        step *= x.shape[d]
+    return order
 
 
 def hooked(model: nn.Module) -> str:

@@ -153,8 +153,22 @@ def like(x: Tensor, shape: Sequence[int], g: torch.Generator) -> Tensor:
         mean = float(finite.mean()) if finite.numel() else 0.0
         std = std if 0 < std < 1e6 else 1.0
         mean = mean if abs(mean) < 1e6 else 0.0
-        return (torch.randn(list(shape), generator=g, dtype=torch.float64) * std + mean).to(x)
-    if x.dtype == torch.bool:
-        return (torch.rand(list(shape), generator=g) < 0.5).to(x.device)
-    lo, hi = (int(x.min()), int(x.max())) if x.numel() else (0, 1)
-    return torch.randint(lo, hi + 1, list(shape), generator=g, dtype=x.dtype).to(x.device)
+        y = (torch.randn(list(shape), generator=g, dtype=torch.float64) * std + mean).to(x)
+    elif x.dtype == torch.bool:
+        y = (torch.rand(list(shape), generator=g) < 0.5).to(x.device)
+    else:
+        lo, hi = (int(x.min()), int(x.max())) if x.numel() else (0, 1)
+        y = torch.randint(lo, hi + 1, list(shape), generator=g, dtype=x.dtype).to(x.device)
+    return laid_out_as(y, x)
+
+
+def laid_out_as(y: Tensor, x: Tensor) -> Tensor:
+    """``y`` (contiguous) laid out in memory as ``x`` is: contiguous, channels-last, or its axes
+    in the order of ``x``'s strides.  Verifying on other sizes in the example's layout: a graph
+    whose results depend on the layout runs only on the example's (see ``program.py``)."""
+    if x.dim() < 2 or x.is_contiguous() or y.dim() != x.dim():
+        return y
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return y.contiguous(memory_format=torch.channels_last)
+    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
+    return y.permute(*order).contiguous().permute(*[order.index(d) for d in range(x.dim())])

@@ -236,9 +236,9 @@ class Program:
         #: the capture took N positional tensors and nothing else: flatten is ``list(args)``
         self.positional = _positional_leaves(captured.in_spec, self.checker.leaves)
         self.single_output = self.out_spec.is_leaf() and not self.mutated
-        #: the example's memory layouts, checked when the graph writes in place (export made
-        #: its aliasing decisions on them); None when it does not
-        self.layouts = captured.layouts if _writes_in_place(gm) else None
+        #: the example's memory layouts, checked when the graph's results may depend on them
+        #: (see :func:`_layout_dependence`); None when they cannot
+        self.layouts = captured.layouts if _layout_dependence(gm, len(self.state)) else None
         #: the dtype of each state value at capture (the graph bakes dtypes in: casts, kernels)
         self.state_dtypes = [getattr(n.meta.get("val"), "dtype", None)
                              for n in captured.placeholders()[:len(self.state)]]
@@ -586,14 +586,134 @@ def _writes_in_place(gm: fx.GraphModule) -> bool:
                and n.target._schema.is_mutable for n in gm.graph.nodes)
 
 
+_aten = torch.ops.aten
+#: ops whose result is laid out row-major by its shape alone, whatever its inputs' layouts
+_FRESH_LAYOUT = frozenset({_aten.linear.default, _aten.mm.default, _aten.addmm.default,
+                           _aten.bmm.default, _aten.matmul.default})
+_COPIES = frozenset({_aten.clone.default, _aten._to_copy.default})
+#: ops that accept (or mean the same for) only some strides of their input
+_STRIDE_BOUND = frozenset({_aten.view.default, _aten._unsafe_view.default, _aten.view.dtype,
+                           _aten.as_strided.default, _aten.sym_stride.int})
+_NUMBERS = (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)
+_DROPOUTS = frozenset({"dropout", "native_dropout", "feature_dropout", "alpha_dropout",
+                       "feature_alpha_dropout"})
+
+
+def _layout_dependence(gm: fx.GraphModule, n_state: int) -> str:
+    """Why the graph's results may depend on its inputs' memory layouts and not only on their
+    values ("" when they cannot); the example's layouts are then checked on every call.  Export
+    decides on the example's layouts, and records nothing for ``contiguous()`` of data that is
+    contiguous already, so the graph may work on the input itself where the original copies:
+
+    - it writes in place: whether a ``reshape``/``contiguous()`` copied or aliased;
+    - it draws random numbers (a dropout in train mode) over a tensor laid out as an input is:
+      one per element in memory order, the input's order where the original drew over its
+      copy;
+    - it views a tensor laid out as an input is with axes merged (``x.contiguous().view(-1, F)``
+      of contiguous data is recorded as a bare ``view``): it cannot view other strides, where
+      the original copies.
+
+    The first ``n_state`` placeholders are parameters, buffers and constants; the rest are the
+    call's inputs."""
+    if _writes_in_place(gm):
+        return "the model writes in place"
+    follows: set[fx.Node] = set()  # laid out as (some) input is
+    seen = 0
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            if seen >= n_state:
+                follows.add(n)
+            seen += 1
+            continue
+        if n.op != "call_function":
+            continue
+        if not any(a in follows for a in n.all_input_nodes) or _fresh_layout(n):
+            continue
+        if _draws_random(n):
+            return (f"the graph draws random numbers over a tensor laid out as the input is "
+                    f"({n.name}: one per element, in memory order)")
+        if n.target in _STRIDE_BOUND and _merges_axes(n):
+            return (f"the graph views a tensor laid out as the input is with axes merged "
+                    f"({n.name}: only strides like the example's allow it)")
+        if not isinstance(n.meta.get("val"), _NUMBERS):  # a size read has no layout
+            follows.add(n)
+    return ""
+
+
+def _fresh_layout(n: fx.Node) -> bool:
+    """``n``'s result is laid out by its shape alone (a product, a copy to a memory format)."""
+    if n.target in _FRESH_LAYOUT or n.target is _aten.contiguous.default:
+        return True
+    fmt = n.kwargs.get("memory_format", torch.preserve_format)
+    return n.target in _COPIES and fmt is not None and fmt != torch.preserve_format
+
+
+def _draws_random(n: fx.Node) -> bool:
+    """``n`` draws random numbers (not a dropout with ``train`` False or ``p`` 0)."""
+    t = n.target
+    if not (isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags):
+        return False
+    if t._opname in _DROPOUTS and len(n.args) >= 3:
+        return not (n.args[2] is False or n.args[1] == 0)
+    return True
+
+
+def _merges_axes(n: fx.Node) -> bool:
+    """The view merges axes of its input (which only some strides allow); False when it only
+    splits axes and adds or removes axes of size 1 (which any strides allow).  True when
+    unsure."""
+    if n.target not in (_aten.view.default, _aten._unsafe_view.default):
+        return True
+    src = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
+    out = n.meta.get("val")
+    if not (isinstance(src, Tensor) and isinstance(out, Tensor)):
+        return True
+    if any(isinstance(s, int) and s == 0 for s in src.shape):
+        return False  # no elements: any strides
+    a, b = _sizes(src.shape), _sizes(out.shape)
+    if a is None or b is None:
+        return True
+    i = j = 0
+    while i < len(a) and j < len(b):  # group axes of equal products: one input axis each
+        (pa, ha), (pb, hb) = a[i], b[j]
+        i, j, merged = i + 1, j + 1, 1
+        while sympy.expand(pa - pb) != 0:
+            if ha <= hb and i < len(a):
+                pa, ha, i, merged = pa * a[i][0], ha * a[i][1], i + 1, merged + 1
+            elif hb < ha and j < len(b):
+                pb, hb, j = pb * b[j][0], hb * b[j][1], j + 1
+            else:
+                return True
+        if merged > 1:
+            return True
+    return i < len(a) or j < len(b)
+
+
+def _sizes(shape: Any) -> list[tuple[Any, int]] | None:
+    """(sympy expression, example value) of each axis not fixed at size 1; None when a size has
+    no example value."""
+    out = []
+    for s in shape:
+        if isinstance(s, int):
+            if s != 1:
+                out.append((sympy.Integer(s), s))
+            continue
+        hint = s.node.hint
+        if hint is None:
+            return None
+        out.append((s.node.expr, int(hint)))
+    return out
+
+
 def _check_layouts(program: Program, flat: list[Any]) -> None:
-    """In-place writes in the graph: the inputs' memory layouts must be the example's (whether a
-    ``reshape``/``contiguous()`` copied or aliased was decided on them at capture)."""
+    """The graph's results may depend on the inputs' memory layouts (see
+    :func:`_layout_dependence`): they must be the example's."""
     for i, (x, want) in enumerate(zip(flat, program.layouts)):
         if want is not None and isinstance(x, Tensor) and layout(x) != want:
             name = program.checker.names[i] if i < len(program.checker.names) else f"input {i}"
+            why = _layout_dependence(program.gm, len(program.state))
             raise CallMismatch(f"{name} is laid out in memory otherwise than the example "
-                               f"({layout(x)} vs {want}), and the model writes in place")
+                               f"({layout(x)} vs {want}), and {why}")
 
 
 def _check_context(module: nn.Module, hooked: nn.Module | None) -> None:

@@ -452,6 +452,36 @@ def test_c06_dropout_draws_the_same_mask_for_the_same_element(make, example, fre
     hostile(model, (rand(*example),), sets)
 
 
+class DropContiguousCopy(nn.Module):
+    """Dropout over a ``contiguous()`` copy of the input: on a contiguous example export records
+    no copy (``contiguous()`` is a no-op there), so the graph draws the mask over the input
+    itself, in *its* memory order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 5)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.drop(x.contiguous())
+        return self.fc(h.reshape(-1, 6)).view(x.size(0), -1, 5)
+
+
+def test_c06_dropout_mask_other_layout_in_train_mode():
+    """Class 6, found by the property search: in train mode, a call with the example's values in
+    another memory layout draws the original's mask (the graph draws over the input's memory
+    order, the original over its contiguous copy: such a call runs the original, with a
+    warning); a call in the example's layout still runs the rewritten graph."""
+    model = DropContiguousCopy().train()
+    example = (rand(2, 4, 6),)
+    opt = hostile(model, example, [(strided(rand(2, 4, 6, seed=1)),),
+                                   (strided(rand(3, 5, 6, seed=2)),)], modes=(True,))
+    assert statuses(opt) == ["rewritten"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fall back in the example's layout
+        compare(opt, model, (rand(3, 5, 6, seed=3),), True, "contiguous")
+
+
 # ---------------------------------------------------------------------------------------------
 # 7. aliasing: in-place ops on views, layout-dependent results
 
@@ -508,6 +538,39 @@ def test_c07_inplace_ops_on_views_give_the_originals_result_for_any_layout(kind,
     hostile(model, (make(rand(2, 4, 6)),),
             [(make(rand(3, 5, 6, seed=1)),), (other(rand(2, 4, 6, seed=2)),),
              (other(rand(1, 3, 6, seed=3)),)], grad=False)
+
+
+class ContiguousViewThenSite(nn.Module):
+    """``x.contiguous().view(-1, F)`` kept (the rows are flipped: not a site) before a site that
+    is rewritten: on a contiguous example export records a bare ``view`` of the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+        self.fc2 = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.contiguous().view(-1, x.size(-1))
+        h = self.fc(rows).flip(0).view(x.size(0), -1, 4)
+        return self.fc2(h.reshape(-1, 4)).view(x.size(0), -1, 3)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_c07_view_recorded_without_its_contiguous_copy_for_any_layout(layout):
+    """Class 7, found by the property search: a ``view`` that export recorded without the
+    ``contiguous()`` copy before it (a no-op on the example) must not make the optimized model
+    raise "view size is not compatible" on an input in another layout, where the original
+    copies; the call runs the original instead (a call in the example's layout runs the
+    graph)."""
+    model = ContiguousViewThenSite()
+    make = strided if layout == "strided" else (lambda t: t)
+    other = (lambda t: t) if layout == "strided" else strided
+    opt = hostile(model, (make(rand(2, 4, 6)),),
+                  [(other(rand(2, 4, 6, seed=1)),), (other(rand(3, 5, 6, seed=2)),)])
+    assert statuses(opt).count("rewritten") == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fall back in the example's layout
+        compare(opt, model, (make(rand(3, 5, 6, seed=3)),), False, "example's layout")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -178,15 +178,18 @@ def _check_lines(c: InputChecker, consts: dict[str, Any]) -> list[str]:
         lines.append(f"x{i} = flat[{i}]")
         if kind == "tensor":
             consts[f"dt{i}"] = info[1]
-            lines.append(f"if not isinstance(x{i}, Tensor) or x{i}.dim() != {info[0]} or "
-                         f"x{i}.dtype is not dt{i} or x{i}.device.type != {info[2]!r}: "
-                         "return None")
+            device = {"cpu": f"not x{i}.is_cpu", "cuda": f"not x{i}.is_cuda"}.get(
+                info[2], f"x{i}.device.type != {info[2]!r}")
+            lines.append(f"if not isinstance(x{i}, Tensor) or x{i}.dtype is not dt{i} or "
+                         f"{device}: return None")
+            lines.append(f"sh{i} = x{i}.shape")
+            lines.append(f"if len(sh{i}) != {info[0]}: return None")
         else:
             consts[f"c{i}"], consts[f"t{i}"] = info, type(info)
             lines.append(f"if type(x{i}) is not t{i} or x{i} != c{i}: return None")
     names: dict[Any, str] = {}
     for i, d, e in c.plan:
-        size = f"x{i}.shape[{d}]"
+        size = f"sh{i}[{d}]"
         if isinstance(e, sympy.Symbol) and e not in names:
             names[e] = f"s{len(names)}"
             lo, hi = c.ranges.get(e, (0, None))
@@ -293,6 +296,10 @@ class Program:
             raise
         if self.single_output:
             return out[0] if isinstance(out, (tuple, list)) else out
+        return self.finish(module, out)
+
+    def finish(self, module: nn.Module, out: Any) -> Any:
+        """The graph's flat outputs as the model returns them; mutated buffers written back."""
         out = list(out) if isinstance(out, (tuple, list)) else [out]
         if self.mutated:
             with torch.no_grad():
@@ -430,9 +437,9 @@ def _tree_lines(tree: list[tuple[nn.Module, list[tuple[str, Any]]]], flags: tupl
 
 def _state_lines(program: Program, root: nn.Module, var: dict[int, str],
                  scope: dict[str, Any]) -> list[str]:
-    """Lines reading each state value live (as :func:`_fetcher`) into ``state``, each checked to
-    have its captured dtype."""
-    lines, values = [], []
+    """Lines reading each state value live (as :func:`_fetcher`) into ``v0, v1, ...``, each
+    checked to have its captured dtype."""
+    lines = []
     slots = {"parameter": "_parameters", "buffer": "_buffers"}
     scope.update(_fetch=_fetch, _getattr=getattr, constants=program.constants, root=root)
     for k, ((kind, target), dtype) in enumerate(zip(program.state, program.state_dtypes)):
@@ -445,31 +452,35 @@ def _state_lines(program: Program, root: nn.Module, var: dict[int, str],
             lines.append(f"v{k} = _fetch(root, {kind!r}, {target!r}, constants)")
         scope[f"sd{k}"] = dtype
         lines.append(f"if v{k}.dtype is not sd{k}: return None")
-        values.append(f"v{k}")
-    lines.append(f"state = [{', '.join(values)}]")
     return lines
 
 
+#: what a guarded path returns for "take the full path"
+MISS = object()
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
 def _guarded(root: nn.Module, program: Program) -> Any:
-    """``(args, kwargs) -> (state, flat) | None``: every check of the full path (mode flags of
-    the whole tree, hooks, autocast, argument structure, input ranks/dtypes/devices/sizes,
-    layouts where they matter, state dtypes) compiled into straight-line code for this module
-    tree and this program; ``None`` means "take the full path" (which then either runs the
-    program or says why not).  ``None`` is returned instead of a function when the program's
-    size checks have no Python spelling."""
+    """``(args, kwargs) -> output | MISS``: every check of the full path (mode flags of the
+    whole tree, hooks, autocast, argument structure, input ranks/dtypes/devices/sizes, layouts
+    where they matter, state dtypes) compiled into straight-line code for this module tree and
+    this program, then the graph on the live state; :data:`MISS` means "take the full path"
+    (which then either runs the program or says why not).  ``None`` instead of a function when
+    the program's size checks have no Python spelling."""
     scope: dict[str, Any] = {
-        "is_autocast_enabled": torch.is_autocast_enabled, "compiler": torch.compiler,
-        "layout": layout, "flatten": program.flatten, "CallMismatch": CallMismatch,
-        **{f"g{i}": getattr(nn.modules.module, f"_global{h}")
-           for i, h in enumerate(_HOOKS)}}
-    lines = ["if compiler.is_compiling() or compiler.is_exporting(): return None",
-             "if is_autocast_enabled('cpu') or is_autocast_enabled('cuda'): return None",
-             "if g0 or g1 or g2 or g3: return None"]
+        "is_autocast_enabled": torch.is_autocast_enabled, "any_autocast": _any_autocast,
+        "compiler": torch.compiler, "layout": layout, "flatten": program.flatten,
+        "CallMismatch": CallMismatch, "MISS": MISS, "gm": program.gm, "finish": program.finish,
+        "root": root, **{f"g{i}": getattr(nn.modules.module, f"_global{h}")
+                         for i, h in enumerate(_HOOKS)}}
+    lines = ["if compiler.is_compiling() or compiler.is_exporting(): return MISS",
+             "if any_autocast(): return MISS" if _any_autocast is not None else
+             "if is_autocast_enabled('cpu') or is_autocast_enabled('cuda'): return MISS",
+             "if g0 or g1 or g2 or g3: return MISS"]
     if program.positional >= 0:
-        lines += [f"if kwargs or len(args) != {program.positional}: return None",
-                  "flat = list(args)"]
+        lines += [f"if kwargs or len(args) != {program.positional}: return MISS", "flat = args"]
     else:
-        lines += ["try: flat = flatten(args, kwargs)", "except CallMismatch: return None"]
+        lines += ["try: flat = flatten(args, kwargs)", "except CallMismatch: return MISS"]
     try:
         lines += _check_lines(program.checker, scope)
     except _NoSpelling:
@@ -477,10 +488,18 @@ def _guarded(root: nn.Module, program: Program) -> Any:
     for i, want in enumerate(program.layouts or ()):
         if want is not None:
             scope[f"lay{i}"] = want
-            lines.append(f"if layout(x{i}) != lay{i}: return None")
+            lines.append(f"if layout(x{i}) != lay{i}: return MISS")
     tree_lines, var = _tree_lines(_tree(root), program.flags, scope)
-    lines += tree_lines + _state_lines(program, root, var, scope) + ["return state, flat"]
-    body = ["try:", *(f"    {ln}" for ln in lines), "except (AttributeError, KeyError): return None"]
+    lines += tree_lines + _state_lines(program, root, var, scope)
+    body = ["try:", *(f"    {ln.replace('return None', 'return MISS')}" for ln in lines),
+            "except (AttributeError, KeyError): return MISS",
+            # (looked up per call: recompile() replaces it; our own graph has no hooks)
+            f"out = gm.forward({', '.join(f'v{k}' for k in range(len(program.state)))}"
+            f"{', ' if program.state else ''}*flat)"]
+    if program.single_output:
+        body.append("return out[0] if out.__class__ is tuple or out.__class__ is list else out")
+    else:
+        body.append("return finish(root, out)")
     return _compile("guarded", "args, kwargs", body, scope)
 
 
@@ -506,9 +525,15 @@ class Dispatch:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         guarded = self.guarded
-        hit = guarded(args, kwargs) if guarded is not None else None
-        if hit is not None:
-            return self.last.execute(self.module, *hit)
+        if guarded is not None:
+            try:
+                out = guarded(args, kwargs)
+            except RuntimeError as exc:  # a size assertion of the graph: the full path says so
+                if _ASSERT not in str(exc):
+                    raise
+                out = MISS
+            if out is not MISS:
+                return out
         return self._full(args, kwargs)
 
     def _full(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -735,6 +760,7 @@ def _check_context(module: nn.Module, hooked: nn.Module | None) -> None:
 
 
 def _dispatch(dispatch: Dispatch, *args: Any, **kwargs: Any) -> Any:
+    """(what modules optimized and pickled by earlier versions refer to)"""
     return dispatch(*args, **kwargs)
 
 
@@ -755,14 +781,14 @@ class OptimizedForward(functools.partial):
     def rebind(self, module: nn.Module) -> OptimizedForward:
         """The same programs on another copy of the module (see ``copy_module_tree``)."""
         d = self.dispatch
-        return OptimizedForward(_dispatch, Dispatch(module, d.programs, d.plain))
+        return OptimizedForward(Dispatch.__call__, Dispatch(module, d.programs, d.plain))
 
 
 def install(module: nn.Module, programs: list[Program],
             plain: list[tuple[bool, ...]] | None = None) -> None:
     """Make ``module`` (a copy owned by tdd_fx) run ``programs``, falling back to its class's
     own ``forward`` (silently in the ``plain`` modes, where there was nothing to rewrite)."""
-    module.forward = OptimizedForward(_dispatch, Dispatch(module, programs, plain))  # type: ignore[method-assign]
+    module.forward = OptimizedForward(Dispatch.__call__, Dispatch(module, programs, plain))  # type: ignore[method-assign]
 
 
 def programs_of(module: nn.Module) -> list[Program]:

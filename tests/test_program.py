@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import tdd_fx
-from tdd_fx.program import CallMismatch, programs_of, tree_flags
+from tdd_fx.program import MISS, CallMismatch, programs_of, tree_flags
 
 
 class Folded(nn.Module):
@@ -119,9 +119,9 @@ def test_guarded_path_is_compiled_after_the_first_call_and_runs_the_program() ->
     assert d.guarded is not None and not d.last.training
     for b in (2, 3, 5):  # (batch 1 is outside the captured range: export specialises it)
         x = torch.randn(b, 4, 6)
-        hit = d.guarded((x,), {})
-        assert hit is not None
-        torch.testing.assert_close(d.last.execute(opt, *hit), model(x))
+        got = d.guarded((x,), {})
+        assert got is not MISS
+        torch.testing.assert_close(got, model(x))
 
 
 def _hook(*_):
@@ -149,7 +149,7 @@ def test_guarded_path_misses_every_change_the_full_path_checks(change) -> None:
     d = opt.forward.dispatch
     opt, args, kwargs = CHANGES[change](opt, x)
     try:
-        assert d.guarded(args, kwargs) is None
+        assert d.guarded(args, kwargs) is MISS
         want = type(opt).forward(opt, *args, **kwargs)
         with torch.autocast("cpu", enabled=False):
             got = opt(*args, **kwargs)
@@ -161,7 +161,7 @@ def test_guarded_path_misses_every_change_the_full_path_checks(change) -> None:
 def test_guarded_path_misses_under_autocast() -> None:
     _, opt, x = _guarded_model()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert opt.forward.dispatch.guarded((x,), {}) is None
+        assert opt.forward.dispatch.guarded((x,), {}) is MISS
 
 
 def test_a_replaced_submodule_runs_the_original_code_with_a_warning() -> None:
@@ -188,5 +188,5 @@ def test_copies_compile_their_own_guarded_path() -> None:
     assert twin.forward.dispatch.guarded is None
     torch.testing.assert_close(twin(x), opt(x))
     twin.fc.register_forward_hook(_hook)
-    assert twin.forward.dispatch.guarded((x,), {}) is None
-    assert opt.forward.dispatch.guarded((x,), {}) is not None
+    assert twin.forward.dispatch.guarded((x,), {}) is MISS
+    assert opt.forward.dispatch.guarded((x,), {}) is not MISS

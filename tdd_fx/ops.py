@@ -95,8 +95,10 @@ KERNELS: dict[str, Callable[[Tensor, Tensor, Tensor | None, int], Tensor]] = {
 
 
 #: kernels that *are* the computation of a hand-written form (``Conv1d`` → ``conv``, ``bmm`` with
-#: an expanded weight → ``baddbmm``, ``matmul`` → ``matmul``): keeping one costs nothing
-MIRRORS = frozenset({"conv", "baddbmm", "matmul"})
+#: an expanded weight → ``baddbmm``, ``matmul`` → ``matmul``, the channel-first sandwich
+#: ``x.transpose(1, 2).reshape(-1, F)`` → ``Linear`` → back → ``linear_tc``): keeping one costs
+#: nothing
+MIRRORS = frozenset({"conv", "baddbmm", "matmul", "linear_tc"})
 
 
 def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu",
@@ -105,16 +107,15 @@ def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu
 
     Features on the last axis: ``linear`` (this *is* ``nn.Linear``; nothing is faster).
     Otherwise, when the replaced code was itself one of the kernels (``prefer`` in
-    :data:`MIRRORS`: a pointwise ``Conv1d``, ``baddbmm``/``matmul`` with a broadcast weight),
-    that kernel: the rewrite then never computes more slowly than the original did (on this CPU
-    the "faster in general" ``conv`` ran 1.4-1.7x slower than an expanded ``baddbmm`` at
-    (B, F, T) = (8, 40, 100); ``benchmarks/bench_forms.py``).  Features on axis 1 of a 3-5-D
-    input, in float32/float64 or on CUDA: ``conv`` (a size-1 convolution, oneDNN on CPU, cuDNN
-    on CUDA; it matched the transpose-copy-Linear sandwich it replaces (1.03x), and beat a
-    ``Conv2d(1, O, (F, 1))`` stem by 1.3x forward, 3.9x training step at that shape).  In
-    reduced precision on CPU no kernel reaches ``nn.Linear``'s speed on channel-first data:
-    there ``prefer`` (the sandwich's own ``linear_tc``) or ``baddbmm``.
-    ``optimize(..., autotune=True)`` measures instead.
+    :data:`MIRRORS`: a pointwise ``Conv1d``, ``baddbmm``/``matmul`` with a broadcast weight, the
+    transpose-copy-``Linear`` sandwich), that kernel: the rewrite then never computes more slowly
+    than the original did.  (Measured on this project's CPU, ``benchmarks/bench_forms.py``: the
+    "faster in general" ``conv`` ran 1.5-1.9x slower than the sandwich it replaced at
+    (B, T, F, O) = (8, 100, 40, 64) in float32, and 1.4-1.7x slower than an expanded
+    ``baddbmm``.)  With no such kernel, features on axis 1 of a 3-5-D input in float32/float64
+    or on CUDA: ``conv`` (a size-1 convolution: oneDNN on CPU, cuDNN on CUDA); in reduced
+    precision on CPU, where no kernel reaches ``nn.Linear``'s speed on channel-first data,
+    ``prefer`` or ``baddbmm``.  ``optimize(..., autotune=True)`` measures instead.
     """
     d = feature_dim % ndim if ndim else feature_dim
     if ndim == 0 or d == ndim - 1:

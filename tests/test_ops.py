@@ -14,7 +14,7 @@ from torch import nn
 from zoo import Literal, Wrap
 
 import tdd_fx
-from tdd_fx.ops import KERNELS, check_input, choose_kernel, time_distributed_dense
+from tdd_fx.ops import KERNELS, MIRRORS, check_input, choose_kernel, time_distributed_dense
 
 
 def reference(x, w, b, d):
@@ -143,6 +143,15 @@ def test_choose_kernel_heuristic():
     assert choose_kernel(1, 3, "cpu") != "linear"  # 'linear' alone is channel-last only
     assert choose_kernel(1, 3, "cuda") in KERNELS
     assert choose_kernel(1, 4) in KERNELS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("prefer", sorted(MIRRORS))
+def test_choose_kernel_keeps_the_replaced_codes_own_kernel(prefer, dtype):
+    """Never slower by default: a site whose hand-written code *was* one of the kernels keeps
+    it (off the last axis; on it, ``linear`` is ``nn.Linear`` itself)."""
+    assert choose_kernel(1, 3, "cpu", prefer=prefer, dtype=dtype) == prefer
+    assert choose_kernel(2, 3, "cpu", prefer=prefer, dtype=dtype) == "linear"
 
 
 # --------------------------------------------------------------------------------------------

@@ -351,7 +351,8 @@ def test_mixed_layout_unsabotaged_is_rewritten():
 def test_report_of_a_folded_channel_first_site_names_the_feature_axis():
     model = MixedLayout().eval()
     site = by_module(tdd_fx.optimize(model, (inp(3, 6, 5),)).tdd_report)["cf"]
-    assert (site.feature_dim, site.kernel) == (1, "conv")
+    # the folded transpose-copy-Linear sandwich keeps its own kernel (ops.MIRRORS)
+    assert (site.feature_dim, site.kernel) == (1, "linear_tc")
 
 
 # --------------------------------------------------------------------------------------------

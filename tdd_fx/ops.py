@@ -108,8 +108,9 @@ def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu
     Features on the last axis: ``linear`` (this *is* ``nn.Linear``; nothing is faster).
     Otherwise, when the replaced code was itself one of the kernels (``prefer`` in
     :data:`MIRRORS`: a pointwise ``Conv1d``, ``baddbmm``/``matmul`` with a broadcast weight, the
-    transpose-copy-``Linear`` sandwich), that kernel: the rewrite then never computes more slowly
-    than the original did.  (Measured on this project's CPU, ``benchmarks/bench_forms.py``: the
+    transpose-copy-``Linear`` sandwich), that kernel: the rewrite then runs the original's own
+    computation (what remains is the optimized module's per-call work, which shows on ops of
+    tens of microseconds).  (Measured on this project's CPU, ``benchmarks/bench_forms.py``: the
     "faster in general" ``conv`` ran 1.5-1.9x slower than the sandwich it replaced at
     (B, T, F, O) = (8, 100, 40, 64) in float32, and 1.4-1.7x slower than an expanded
     ``baddbmm``.)  With no such kernel, features on axis 1 of a 3-5-D input in float32/float64

@@ -69,7 +69,22 @@ def _baddbmm(x: Tensor, w: Tensor, b: Tensor | None, d: int) -> Tensor:
     wb = w.expand(n, *w.shape)
     if b is None:
         return torch.bmm(wb, x)
+    # (expanded here, not broadcast by baddbmm: its meta function fails on symbolic sizes)
     return torch.baddbmm(b[:, None].expand(n, w.shape[0], x.shape[2]), wb, x)
+
+
+def _addmm(x: Tensor, w: Tensor, b: Tensor | None, d: int) -> Tensor:
+    """GPT-2's ``Conv1D``: ``addmm(b, x.view(-1, F), W)`` with ``W = w.t()`` stored ``(in, out)``
+    (the weight's own layout: no transposed copy in the backward pass either)."""
+    if d != x.dim() - 1:
+        return _linear_between_transposes(x, w, b, d)
+    lead = x.shape[:-1]
+    n = 1
+    for r in lead:  # not -1: an empty batch leaves it ambiguous
+        n = n * r
+    x2 = x.reshape(n, x.shape[-1])
+    y = torch.mm(x2, w.t()) if b is None else torch.addmm(b, x2, w.t())
+    return y.view(*lead, w.shape[0])
 
 
 _CONVS = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
@@ -89,6 +104,7 @@ KERNELS: dict[str, Callable[[Tensor, Tensor, Tensor | None, int], Tensor]] = {
     "linear_tc": _linear_contiguous,
     "matmul": _matmul,
     "baddbmm": _baddbmm,
+    "addmm": _addmm,
     "conv": _conv,
     "conv1d": _conv,  # the name earlier reports used for 3-D inputs
 }
@@ -96,40 +112,46 @@ KERNELS: dict[str, Callable[[Tensor, Tensor, Tensor | None, int], Tensor]] = {
 
 #: kernels that *are* the computation of a hand-written form (``Conv1d`` → ``conv``, ``bmm`` with
 #: an expanded weight → ``baddbmm``, ``matmul`` → ``matmul``, the channel-first sandwich
-#: ``x.transpose(1, 2).reshape(-1, F)`` → ``Linear`` → back → ``linear_tc``): keeping one costs
-#: nothing
-MIRRORS = frozenset({"conv", "baddbmm", "matmul", "linear_tc"})
+#: ``x.transpose(1, 2).reshape(-1, F)`` → ``Linear`` → back → ``linear_tc``, GPT-2's ``Conv1D``
+#: → ``addmm``): keeping one costs nothing
+MIRRORS = frozenset({"conv", "baddbmm", "matmul", "linear_tc", "addmm"})
 
 
 def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu",
                   prefer: str | None = None, dtype: torch.dtype | None = None) -> str:
     """Heuristic kernel choice (used when no measurement is asked for).
 
-    Features on the last axis: ``linear`` (this *is* ``nn.Linear``; nothing is faster).
-    Otherwise, when the replaced code was itself one of the kernels (``prefer`` in
-    :data:`MIRRORS`: a pointwise ``Conv1d``, ``baddbmm``/``matmul`` with a broadcast weight, the
-    transpose-copy-``Linear`` sandwich), that kernel: the rewrite then runs the original's own
-    computation (what remains is the optimized module's per-call work, which shows on ops of
-    tens of microseconds).  (Measured on this project's CPU, ``benchmarks/bench_forms.py``: the
-    "faster in general" ``conv`` ran 1.5-1.9x slower than the sandwich it replaced at
-    (B, T, F, O) = (8, 100, 40, 64) in float32, and 1.4-1.7x slower than an expanded
-    ``baddbmm``.)  With no such kernel, features on axis 1 of a 3-5-D input in float32/float64
-    or on CUDA: ``conv`` (a size-1 convolution: oneDNN on CPU, cuDNN on CUDA); in reduced
-    precision on CPU, where no kernel reaches ``nn.Linear``'s speed on channel-first data,
-    ``prefer`` or ``baddbmm``.  ``optimize(..., autotune=True)`` measures instead.
+    Features on the last axis: ``linear`` (this *is* ``nn.Linear``; nothing is faster), or
+    ``addmm`` when that is what the replaced code ran (GPT-2's ``Conv1D``).  Otherwise, when the
+    replaced code was itself one of the kernels (``prefer`` in :data:`MIRRORS`: a pointwise
+    ``Conv1d``, ``baddbmm``/``matmul`` with a broadcast weight, the transpose-copy-``Linear``
+    sandwich), that kernel: the rewrite then runs the original's own computation (what remains is
+    the optimized module's per-call work, which shows on ops of tens of microseconds).  (Measured
+    on this project's CPU, ``benchmarks/bench_forms.py``: the "faster in general" ``conv`` ran
+    1.5-1.9x slower than the sandwich it replaced at (B, T, F, O) = (8, 100, 40, 64) in float32,
+    and 1.4-1.7x slower than an expanded ``baddbmm``.)
+
+    With no such kernel (a ``Conv2d(1, O, (F, 1))`` stem, a channel-first einsum), features on
+    axis 1: on CUDA, ``conv`` (cuDNN); on CPU for a 3-D input, ``baddbmm`` in float32/float64
+    and ``conv`` in reduced precision (``benchmarks/results/cpu.md``: an expanded ``baddbmm``
+    ran 1.1-2.7x faster than a pointwise ``Conv1d`` on the same (B, F, T) data in float32, at
+    both shapes and in every mode, and 1.2-1.9x slower in bfloat16); for 4-5-D inputs ``conv`` in
+    float32/float64, else ``prefer`` or ``linear_t``.  ``optimize(..., autotune=True)`` measures
+    instead.
     """
     d = feature_dim % ndim if ndim else feature_dim
     if ndim == 0 or d == ndim - 1:
-        return "linear"
-    if prefer in MIRRORS:
+        return "addmm" if prefer == "addmm" else "linear"
+    if prefer in MIRRORS and prefer != "addmm":
         return prefer
     full = dtype is None or dtype in (torch.float32, torch.float64)
-    if d == 1 and 3 <= ndim <= 5 and (full or torch.device(device).type == "cuda"):
+    cuda = torch.device(device).type == "cuda"
+    if d == 1 and ndim == 3 and not cuda:
+        return "baddbmm" if full else "conv"
+    if d == 1 and 3 <= ndim <= 5 and (full or cuda):
         return "conv"
-    if prefer is not None:
+    if prefer is not None and prefer != "addmm":
         return prefer
-    if ndim == 3 and d == 1:
-        return "baddbmm"
     return "linear_t"
 
 
@@ -174,7 +196,7 @@ def time_distributed_dense(
         if d == 1 and weight.dim() == x.dim() and impl in ("conv", "conv1d"):
             return _CONVS[x.dim()](x, weight, bias)
         weight = weight.flatten(1)
-    if d == x.dim() - 1:
+    if d == x.dim() - 1 and impl != "addmm":
         return F.linear(x, weight, bias)
     return KERNELS[impl](x, weight, bias, d)
 

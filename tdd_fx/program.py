@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from .capture import Captured, layout
+from .lower import lowered
 
 _ASSERT = "Runtime assertion failed"
 
@@ -248,11 +249,21 @@ class Program:
         self._compile()
 
     #: compiled per process (generated code does not pickle): rebuilt on load
-    _COMPILED = ("fast_check", "fetch")
+    _COMPILED = ("fast_check", "fetch", "_runner", "_runner_of")
 
     def _compile(self) -> None:
         self.fast_check = self.checker.compiled()
         self.fetch = _fetcher(self.state, self.constants)
+        self._runner: Any = None
+        self._runner_of: Any = None
+
+    def graph_fn(self) -> Any:
+        """The graph's executable ``forward``: :func:`tdd_fx.lower.lowered` of :attr:`gm`, built
+        on first use and again whenever ``gm`` was recompiled (autotune sets kernels)."""
+        fwd = type(self.gm).forward
+        if self._runner_of is not fwd:
+            self._runner, self._runner_of = lowered(self.gm).forward, fwd
+        return self._runner
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in self._COMPILED}
@@ -287,9 +298,8 @@ class Program:
     def execute(self, module: nn.Module, state: list[Any], flat: list[Any]) -> Any:
         """Run the graph on fetched state and checked inputs; write mutated buffers back."""
         try:
-            # .forward (looked up per call: recompile() replaces it) skips nn.Module.__call__;
-            # our own graph has no hooks
-            out = self.gm.forward(*state, *flat)
+            # .forward skips nn.Module.__call__; our own graph has no hooks
+            out = self.graph_fn()(*state, *flat)
         except RuntimeError as exc:
             if _ASSERT in str(exc):
                 raise CallMismatch(f"a size condition of the capture fails ({exc})") from exc
@@ -470,7 +480,8 @@ def _guarded(root: nn.Module, program: Program) -> Any:
     scope: dict[str, Any] = {
         "is_autocast_enabled": torch.is_autocast_enabled, "any_autocast": _any_autocast,
         "compiler": torch.compiler, "layout": layout, "flatten": program.flatten,
-        "CallMismatch": CallMismatch, "MISS": MISS, "gm": program.gm, "finish": program.finish,
+        "CallMismatch": CallMismatch, "MISS": MISS, "graph_fn": program.graph_fn,
+        "finish": program.finish,
         "root": root, **{f"g{i}": getattr(nn.modules.module, f"_global{h}")
                          for i, h in enumerate(_HOOKS)}}
     lines = ["if compiler.is_compiling() or compiler.is_exporting(): return MISS",
@@ -493,8 +504,8 @@ def _guarded(root: nn.Module, program: Program) -> Any:
     lines += tree_lines + _state_lines(program, root, var, scope)
     body = ["try:", *(f"    {ln.replace('return None', 'return MISS')}" for ln in lines),
             "except (AttributeError, KeyError): return MISS",
-            # (looked up per call: recompile() replaces it; our own graph has no hooks)
-            f"out = gm.forward({', '.join(f'v{k}' for k in range(len(program.state)))}"
+            # (looked up per call: autotune recompiles; our own graph has no hooks)
+            f"out = graph_fn()({', '.join(f'v{k}' for k in range(len(program.state)))}"
             f"{', ' if program.state else ''}*flat)"]
     if program.single_output:
         body.append("return out[0] if out.__class__ is tuple or out.__class__ is list else out")

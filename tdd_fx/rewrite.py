@@ -244,6 +244,7 @@ def apply(captured: Captured, matches: list[Match]) -> tuple[fx.GraphModule, dic
             x = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
             fd = n.kwargs.get("feature_dim", -1)
             last = fd == -1 or (x is not None and fd % x.dim() == x.dim() - 1)
-            kernel = "linear" if last else n.kwargs.get("impl", "linear")
+            impl = n.kwargs.get("impl", "linear")
+            kernel = "linear" if last and impl != "addmm" else impl
             kernels[n.meta["tdd_site"]] = (kernel, -1 if last else fd)
     return gm, kernels

@@ -146,12 +146,46 @@ def test_choose_kernel_heuristic():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("prefer", sorted(MIRRORS))
+@pytest.mark.parametrize("prefer", sorted(MIRRORS - {"addmm"}))
 def test_choose_kernel_keeps_the_replaced_codes_own_kernel(prefer, dtype):
     """Never slower by default: a site whose hand-written code *was* one of the kernels keeps
     it (off the last axis; on it, ``linear`` is ``nn.Linear`` itself)."""
     assert choose_kernel(1, 3, "cpu", prefer=prefer, dtype=dtype) == prefer
     assert choose_kernel(2, 3, "cpu", prefer=prefer, dtype=dtype) == "linear"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_choose_kernel_keeps_gpt2s_addmm_on_the_last_axis(dtype):
+    """GPT-2's ``Conv1D`` ran ``addmm`` on its (in, out) weight: kept, features last."""
+    assert choose_kernel(-1, 3, "cpu", prefer="addmm", dtype=dtype) == "addmm"
+    assert choose_kernel(2, 3, "cpu", prefer="addmm", dtype=dtype) == "addmm"
+    assert choose_kernel(1, 3, "cpu", prefer="addmm", dtype=dtype) != "addmm"
+
+
+def test_choose_kernel_without_a_mirror_follows_the_measurements():
+    """A site whose code was no kernel (a spanning conv stem): on CPU, 3-D channel-first
+    float32 runs ``baddbmm`` (faster than a pointwise conv here at both benchmark shapes),
+    bfloat16 ``conv``; CUDA ``conv``; 4-D float32 ``conv``."""
+    assert choose_kernel(1, 3, "cpu", dtype=torch.float32) == "baddbmm"
+    assert choose_kernel(1, 3, "cpu", dtype=torch.float64) == "baddbmm"
+    assert choose_kernel(1, 3, "cpu", dtype=torch.bfloat16) == "conv"
+    assert choose_kernel(1, 3, "cuda", dtype=torch.float32) == "conv"
+    assert choose_kernel(1, 4, "cpu", dtype=torch.float32) == "conv"
+    assert choose_kernel(1, 4, "cpu", dtype=torch.bfloat16) == "linear_t"
+
+
+def test_addmm_kernel_runs_the_stored_in_out_weight_as_it_is():
+    """The ``addmm`` kernel gets ``W.t()`` of a stored ``(in, out)`` weight and multiplies by
+    ``W`` itself: GPT-2's own computation, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 4, generator=g)
+    w_in_out = torch.randn(4, 3, generator=g)
+    b = torch.randn(3, generator=g)
+    want = torch.addmm(b, x.view(-1, 4), w_in_out).view(2, 5, 3)
+    got = time_distributed_dense(x, w_in_out.t(), b, impl="addmm")
+    assert torch.equal(got, want)
+    empty = time_distributed_dense(x[:0], w_in_out.t(), b, impl="addmm")
+    assert empty.shape == (0, 5, 3)
 
 
 # --------------------------------------------------------------------------------------------

@@ -113,3 +113,68 @@ def test_timing_leaves_the_model_untouched() -> None:
 def test_bad_mode_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="mode must be"):
         tdd_fx.optimize(ChannelFirst(), (_x(),), mode="inference")
+
+
+class DropoutAfter(nn.Module):
+    """A pointwise conv followed by dropout: the mask is drawn in the conv output's memory
+    order, so a measured kernel must keep a row-major output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(6, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.dropout(self.conv(x), 0.3, self.training)
+
+
+def _pretend_fastest(monkeypatch, name: str) -> None:
+    """Every measurement says ``name`` is 10x faster than anything else (no noise)."""
+    monkeypatch.setattr(tune, "kernel_times", lambda shape, fd, *a: {
+        k: (1e-4 if k == name else 1e-3, 0.0) for k in tune.candidates_for(len(shape), fd)})
+
+
+def test_a_measured_kernel_keeps_the_output_layout_when_random_ops_follow(monkeypatch) -> None:
+    _pretend_fastest(monkeypatch, "linear_t")  # a strided output: other dropout masks
+    model = DropoutAfter().train()
+    opt = tdd_fx.optimize(model, (_x(),), autotune=True, keep_canonical=True)
+    impls = {mode: [n.kwargs["impl"] for n in gm.graph.nodes if n.target is time_distributed_dense]
+             for mode, gm in tdd_fx.graphs(opt)[""].items()}
+    assert impls["train"] and impls["train"][0] not in ("linear_t", "linear_tc")
+    assert_equivalent(opt, model, (_x(),))
+
+
+def test_measured_kernels_failing_the_check_are_undone(monkeypatch) -> None:
+    """Kernels are equivalent, so this is a bug; it must never reach the user as a result."""
+    from tdd_fx import verify as verify_mod
+
+    _pretend_fastest(monkeypatch, "matmul")
+    monkeypatch.setattr(verify_mod, "verify", lambda *a, **k: verify_mod.Verdict(
+        False, float("inf"), "pretended failure"))
+    model = ChannelFirst().eval()
+    opt = tdd_fx.optimize(model, (_x(),), autotune=True, keep_canonical=True)
+    assert any("failed the check (pretended failure)" in n for n in opt.tdd_report.notes)
+    (site,) = opt.tdd_report.rewritten
+    impls = {n.kwargs["impl"] for gms in tdd_fx.graphs(opt).values() for gm in gms.values()
+             for n in gm.graph.nodes if n.target is time_distributed_dense}
+    assert impls == {"conv"} and site.kernel == "conv" and not site.kernel_ms
+    assert_equivalent(opt, model, (_x(),))
+
+
+def test_whole_model_timing_fits_its_budget_or_is_skipped_with_a_note(monkeypatch) -> None:
+    monkeypatch.setattr(tune, "TOTAL_BUDGET_S", 0.0)
+    monkeypatch.setattr(tune, "MIN_TIMING_S", 1e-6)
+    opt = tdd_fx.optimize(ChannelFirst(), (_x(),), autotune=True)
+    report = opt.tdd_report
+    assert any("whole-model timing skipped" in n for n in report.notes), report.notes
+    assert [s.status for s in report.sites] == ["rewritten"]
+    assert report.time_before_ms is None and report.time_after_ms is None
+
+
+def test_budgeted_comparison_measures_both_models_interleaved() -> None:
+    model = ChannelFirst()
+    opt = tdd_fx.optimize(model, (_x(),))
+    got = tune.compare_models(model, opt, (_x(),), train=True, budget_s=1.0)
+    assert got is not None
+    a, b, noise = got
+    assert a > 0 and b > 0 and noise >= 0
+    assert tune.compare_models(model, opt, (_x(),), train=True, budget_s=1e-9) is None

@@ -10,6 +10,7 @@ edit the graph they match.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -54,7 +55,7 @@ class Context:
         their example values.  Two different symbolic sizes that merely happen to be equal on
         the example are not equal."""
         ea, eb = expr(a).xreplace(guards), expr(b).xreplace(guards)
-        if sympy.simplify(ea - eb) == 0:
+        if equal_exprs(ea, eb):
             return True
         if not (ea.is_number or eb.is_number):
             return self._equal_fixing_one_side(ea, eb, guards)
@@ -78,7 +79,7 @@ class Context:
         if not one_sided or any(s not in self.hints for s in one_sided):
             return False
         fix = {s: int(self.hints[s]) for s in one_sided}
-        if sympy.simplify(ea.xreplace(fix) - eb.xreplace(fix)) != 0:
+        if not equal_exprs(ea.xreplace(fix), eb.xreplace(fix)):
             return False
         guards.update(fix)
         return True
@@ -193,7 +194,19 @@ def expr(size: Any) -> Any:
 
 def same(a: Any, b: Any) -> bool:
     """``a == b`` for every size the capture admits (decided symbolically)."""
-    return sympy.simplify(expr(a) - expr(b)) == 0
+    return equal_exprs(expr(a), expr(b))
+
+
+def equal_exprs(a: Any, b: Any) -> bool:
+    """Two size expressions are equal for every value of their symbols: the same expression,
+    or a difference that sympy simplifies to zero (remembered: a model of repeated blocks asks
+    the same questions block after block, and ``simplify`` costs milliseconds)."""
+    return a == b or _simplifies_to_zero(a - b)
+
+
+@functools.lru_cache(maxsize=8192)
+def _simplifies_to_zero(e: Any) -> bool:
+    return bool(sympy.simplify(e) == 0)
 
 
 def same_shape(a: Iterable[Any] | None, b: Iterable[Any] | None) -> bool:

@@ -213,7 +213,11 @@ def _emit(node_name: str, axes: list[int], rank: int, c: int, drop_channel: bool
                 x = rw.call(aten.permute.default, (x, order), before=node)
             x = rw.call(aten.flatten.using_ints, (x, c, c + len(feats) - 1), before=node)
             fd, n = c, n - len(feats) + 1
-        impl = ops.choose_kernel(fd, n, prefer="conv")
+        v = x.meta.get("val")
+        # a pointwise conv keeps its own kernel (a mirror); a spanning one gets the heuristic's
+        impl = ops.choose_kernel(fd, n, getattr(v, "device", "cpu"),
+                                 prefer="conv" if not axes and not drop_channel else None,
+                                 dtype=getattr(v, "dtype", None))
         if impl == "conv" and fd == 1 and n == rank:  # the conv's own weight, as it is
             wv = w
         else:  # the kernel's size-1 axes never change its row-major order: (O, C, *K) -> (O, C·F)

@@ -466,7 +466,10 @@ def _emit_one(rw: Any, n: fx.Node, new: dict[fx.Node, fx.Node]) -> fx.Node:
         w, b = _dense_weight(n)
         if t is not aten.linear.default:
             w = rw.call(aten.t.default, (w,), before=n)
-        return rw.tdd(m(_dense_input(n)), w, b, feature_dim=-1, site=n.name, before=n, like=n)
+        # addmm on a stored (in, out) weight (GPT-2's Conv1D) keeps its own kernel (a mirror)
+        impl = "addmm" if t is aten.addmm.default else "linear"
+        return rw.tdd(m(_dense_input(n)), w, b, feature_dim=-1, site=n.name, before=n, like=n,
+                      impl=impl)
     if t in RANDOM:  # one random number per element in memory order: keep row-major order
         x = rw.call(aten.contiguous.default, (m(n.args[0]),), before=n)
         return rw.call(t, (x, *n.args[1:]), dict(n.kwargs), before=n, like=n)

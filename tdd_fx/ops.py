@@ -131,21 +131,27 @@ def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu
     1.5-1.9x slower than the sandwich it replaced at (B, T, F, O) = (8, 100, 40, 64) in float32,
     and 1.4-1.7x slower than an expanded ``baddbmm``.)
 
+    One exception to keeping the original's kernel: a pointwise ``Conv1d`` on CPU in
+    float32/float64 runs ``baddbmm``, which ``benchmarks/bench_kernels.py`` measured faster than
+    the ``Conv1d`` (oneDNN) at 36 of 54 (B, F, T, O) points of a grid spanning B 1-32, T 16-400,
+    F/O 16-256, forward and train step, and within noise at the other 18 — never slower
+    (``benchmarks/results/kernels_cpu.md``); up to 5x faster at B >= 8.
+
     With no such kernel (a ``Conv2d(1, O, (F, 1))`` stem, a channel-first einsum), features on
     axis 1: on CUDA, ``conv`` (cuDNN); on CPU for a 3-D input, ``baddbmm`` in float32/float64
-    and ``conv`` in reduced precision (``benchmarks/results/cpu.md``: an expanded ``baddbmm``
-    ran 1.1-2.7x faster than a pointwise ``Conv1d`` on the same (B, F, T) data in float32, at
-    both shapes and in every mode, and 1.2-1.9x slower in bfloat16); for 4-5-D inputs ``conv`` in
-    float32/float64, else ``prefer`` or ``linear_t``.  ``optimize(..., autotune=True)`` measures
-    instead.
+    and ``conv`` in reduced precision (where the same grid has ``conv`` ahead); for 4-5-D inputs
+    ``conv`` in float32/float64, else ``prefer`` or ``linear_t``.
+    ``optimize(..., autotune=True)`` measures instead.
     """
     d = feature_dim % ndim if ndim else feature_dim
     if ndim == 0 or d == ndim - 1:
         return "addmm" if prefer == "addmm" else "linear"
-    if prefer in MIRRORS and prefer != "addmm":
-        return prefer
     full = dtype is None or dtype in (torch.float32, torch.float64)
     cuda = torch.device(device).type == "cuda"
+    if prefer == "conv" and d == 1 and ndim == 3 and full and not cuda:
+        return "baddbmm"  # never slower than the Conv1d itself here (see above)
+    if prefer in MIRRORS and prefer != "addmm":
+        return prefer
     if d == 1 and ndim == 3 and not cuda:
         return "baddbmm" if full else "conv"
     if d == 1 and 3 <= ndim <= 5 and (full or cuda):

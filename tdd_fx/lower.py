@@ -15,11 +15,14 @@ aliasing, gradients), and each lowered graph is verified with the rest of the pr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx as fx
+
+from . import ops
 
 aten = torch.ops.aten
 
@@ -78,12 +81,17 @@ LOWERINGS: dict[Any, str | Callable[..., Any]] = {
 
 def lowered(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` (sharing its attributes) whose :data:`LOWERINGS` overloads are called
-    through their bindings; ``gm`` itself is unchanged."""
+    through their bindings and whose canonical nodes call their kernel directly
+    (:func:`direct_kernel`); ``gm`` itself is unchanged.  For eager calls only: under
+    ``torch.compile``/``torch.export`` the program runs ``gm`` itself."""
     graph = fx.Graph()
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
     for n in graph.nodes:
         if n.op != "call_function":
+            continue
+        if n.target is ops.time_distributed_dense:
+            _direct(n)
             continue
         to = LOWERINGS.get(n.target)
         if to is None:
@@ -93,3 +101,100 @@ def lowered(gm: fx.GraphModule) -> fx.GraphModule:
         else:
             n.target = to
     return fx.GraphModule(gm, graph)
+
+
+def _rank(a: Any) -> int | None:
+    v = a.meta.get("val") if isinstance(a, fx.Node) else None
+    return v.dim() if isinstance(v, torch.Tensor) else None
+
+
+def _direct(n: fx.Node) -> None:
+    """``time_distributed_dense(x, w, b, feature_dim=d, impl=k)`` → ``kernel(x, w, b)``: the
+    same kernel without the dispatch on ``impl``, ``feature_dim`` and the weight's rank (decided
+    here, from the node's captured ranks), a few microseconds a call."""
+    x, w = n.args[0], n.args[1]
+    b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+    rank, w_rank = _rank(x), _rank(w)
+    if rank is None or w_rank is None or len(n.args) > 3 or set(n.kwargs) - {
+            "feature_dim", "impl", "bias"}:
+        return
+    d = n.kwargs.get("feature_dim", -1) % rank
+    impl = n.kwargs.get("impl", "linear")
+    fn = direct_kernel(rank, d, w_rank, impl, b is not None)
+    if fn is None:
+        return
+    n.target, n.args, n.kwargs = fn, (x, w, b), {}
+    col = _column(b)
+    if fn is _baddbmm_bias and col is not None:  # b = col.view(-1): baddbmm takes col itself
+        n.target, n.args = _baddbmm_col, (x, w, col)
+        _erase_if_unused(b)
+    stored = _transposed(w)
+    if impl == "addmm" and d == rank - 1 and stored is not None:  # w = W.t(): addmm takes W
+        n.target, n.args = ops.addmm_in_out, (x, stored, b)
+        _erase_if_unused(w)
+
+
+def _erase_if_unused(n: fx.Node) -> None:
+    if not n.users:
+        n.graph.erase_node(n)
+
+
+def _transposed(w: Any) -> fx.Node | None:
+    """``W`` when ``w`` is ``W.t()`` (GPT-2's ``Conv1D`` weight, stored ``(in, out)``)."""
+    if isinstance(w, fx.Node) and w.op == "call_method" and w.target == "t" and isinstance(
+            w.args[0], fx.Node):
+        return w.args[0]
+    return None
+
+
+def _column(b: Any) -> fx.Node | None:
+    """``c`` when ``b`` is ``c.view(-1)`` of an ``(out, 1)`` column (an expanded-``baddbmm``
+    bias as hand-written code stores it)."""
+    if not (isinstance(b, fx.Node) and b.op == "call_method" and b.target == "view"
+            and len(b.args) == 2 and list(b.args[1]) == [-1] and isinstance(b.args[0], fx.Node)):
+        return None
+    v = b.args[0].meta.get("val")
+    ok = isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == 1
+    return b.args[0] if ok else None
+
+
+def direct_kernel(rank: int, d: int, w_rank: int, impl: str, bias: bool
+                  ) -> Callable[..., Any] | None:
+    """The function ``(x, w, b) -> y`` that :func:`tdd_fx.ops.time_distributed_dense` ends up
+    calling for these static facts, or None (then the node keeps the generic call)."""
+    if w_rank == rank and d == 1 and impl in ("conv", "conv1d") and rank in _CONVS:
+        return _CONVS[rank]  # the conv's own pointwise weight, as time_distributed_dense does
+    if w_rank != 2:
+        return None
+    if d == rank - 1 and impl != "addmm":
+        return torch._C._nn.linear
+    if impl == "baddbmm" and rank == 3 and d == 1:
+        return _baddbmm_bias if bias else _bmm
+    kernel = ops.KERNELS.get(impl)
+    return None if kernel is None else _with_axis(kernel, d)
+
+
+_CONVS = {3: torch.conv1d, 4: torch.conv2d, 5: torch.conv3d}
+
+
+def _baddbmm_bias(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # the (out, 1) bias broadcasts inside baddbmm, as hand-written code passes it (eager only:
+    # baddbmm's meta function rejects a broadcast bias on symbolic sizes)
+    return torch.baddbmm(b.unsqueeze(-1), w.expand(x.shape[0], -1, -1), x)
+
+
+def _baddbmm_col(x: torch.Tensor, w: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    return torch.baddbmm(col, w.expand(x.shape[0], -1, -1), x)
+
+
+def _bmm(x: torch.Tensor, w: torch.Tensor, b: None) -> torch.Tensor:
+    return torch.bmm(w.expand(x.shape[0], -1, -1), x)
+
+
+@functools.cache
+def _with_axis(kernel: Callable[..., Any], d: int) -> Callable[..., Any]:
+    def call(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return kernel(x, w, b, d)
+
+    call.__name__ = call.__qualname__ = f"{kernel.__name__.lstrip('_')}_axis{d}"
+    return call

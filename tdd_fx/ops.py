@@ -78,13 +78,18 @@ def _addmm(x: Tensor, w: Tensor, b: Tensor | None, d: int) -> Tensor:
     (the weight's own layout: no transposed copy in the backward pass either)."""
     if d != x.dim() - 1:
         return _linear_between_transposes(x, w, b, d)
+    return addmm_in_out(x, w.t(), b)
+
+
+def addmm_in_out(x: Tensor, w_in_out: Tensor, b: Tensor | None) -> Tensor:
+    """``addmm(b, x.view(-1, F), W).view(..., O)`` for a weight stored ``(in, out)``."""
     lead = x.shape[:-1]
     n = 1
     for r in lead:  # not -1: an empty batch leaves it ambiguous
         n = n * r
     x2 = x.reshape(n, x.shape[-1])
-    y = torch.mm(x2, w.t()) if b is None else torch.addmm(b, x2, w.t())
-    return y.view(*lead, w.shape[0])
+    y = torch.mm(x2, w_in_out) if b is None else torch.addmm(b, x2, w_in_out)
+    return y.view(*lead, w_in_out.shape[1])
 
 
 _CONVS = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
@@ -131,11 +136,11 @@ def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu
     1.5-1.9x slower than the sandwich it replaced at (B, T, F, O) = (8, 100, 40, 64) in float32,
     and 1.4-1.7x slower than an expanded ``baddbmm``.)
 
-    One exception to keeping the original's kernel: a pointwise ``Conv1d`` on CPU in
-    float32/float64 runs ``baddbmm``, which ``benchmarks/bench_kernels.py`` measured faster than
-    the ``Conv1d`` (oneDNN) at 36 of 54 (B, F, T, O) points of a grid spanning B 1-32, T 16-400,
-    F/O 16-256, forward and train step, and within noise at the other 18 — never slower
-    (``benchmarks/results/kernels_cpu.md``); up to 5x faster at B >= 8.
+    A pointwise ``Conv1d`` keeps ``conv`` although ``baddbmm`` measured faster on this CPU in
+    float32 (36 of 54 points of ``benchmarks/bench_kernels.py``'s grid, never slower): its other
+    summation order, amplified by a train-mode BatchNorm, put speechbrain's ECAPA-TDNN input
+    gradient 5x further from float64 than the original's own float32 error — outside the
+    verification's rule — where the mirror is bit-identical.  ``autotune=True`` can still pick it.
 
     With no such kernel (a ``Conv2d(1, O, (F, 1))`` stem, a channel-first einsum), features on
     axis 1: on CUDA, ``conv`` (cuDNN); on CPU for a 3-D input, ``baddbmm`` in float32/float64
@@ -148,8 +153,6 @@ def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu
         return "addmm" if prefer == "addmm" else "linear"
     full = dtype is None or dtype in (torch.float32, torch.float64)
     cuda = torch.device(device).type == "cuda"
-    if prefer == "conv" and d == 1 and ndim == 3 and full and not cuda:
-        return "baddbmm"  # never slower than the Conv1d itself here (see above)
     if prefer in MIRRORS and prefer != "addmm":
         return prefer
     if d == 1 and ndim == 3 and not cuda:

@@ -298,8 +298,10 @@ class Program:
     def execute(self, module: nn.Module, state: list[Any], flat: list[Any]) -> Any:
         """Run the graph on fetched state and checked inputs; write mutated buffers back."""
         try:
-            # .forward skips nn.Module.__call__; our own graph has no hooks
-            out = self.graph_fn()(*state, *flat)
+            # .forward skips nn.Module.__call__; our own graph has no hooks.  (The lowered
+            # graph is for eager calls; compile and export trace the canonical one.)
+            tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            out = (self.gm.forward if tracing else self.graph_fn())(*state, *flat)
         except RuntimeError as exc:
             if _ASSERT in str(exc):
                 raise CallMismatch(f"a size condition of the capture fails ({exc})") from exc

@@ -326,9 +326,8 @@ _NO_GAIN = "features-last would copy"
     (lambda: Escape(3), 3, 0)],
     ids=["tcn", "tasnet_layernorm", "chain3_gelu", "split", "escape"])
 def test_conv_stacks_are_left_alone(make, sites, own, said) -> None:
-    """The pointwise convs' kernel (on this CPU in float32 ``baddbmm``, which measured never
-    slower than the ``Conv1d``; ``conv`` elsewhere) reads and writes channel-first rows: the move
-    would only add the transposes in and out (and switch the kernels to ``linear``)."""
+    """The pointwise convs' kernel (their own ``conv``) reads and writes channel-first rows: the
+    move would only add the transposes in and out (and switch the kernels to ``linear``)."""
     model = make()
     opt, gm = optimized(model)
     row_major = tdd_fx.ops.choose_kernel(1, 3, "cpu", prefer="conv", dtype=torch.float32)

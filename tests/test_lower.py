@@ -164,3 +164,111 @@ def test_lowered_leaves_the_original_graph_alone() -> None:
     before = gm.code
     lowered(gm)
     assert gm.code == before
+
+
+def _generic_cases() -> list[tuple[int, int, int, str, bool]]:
+    out = []
+    for rank in (2, 3, 4, 5):
+        for d in range(rank):
+            for impl in sorted(tdd_fx.ops.KERNELS):
+                for bias in (True, False):
+                    out.append((rank, d, 2, impl, bias))
+            if d == 1 and rank >= 3:
+                out += [(rank, 1, rank, "conv", True), (rank, 1, rank, "conv", False)]
+    return out
+
+
+@pytest.mark.parametrize("rank,d,w_rank,impl,bias", _generic_cases())
+def test_a_direct_kernel_is_the_canonical_call(rank: int, d: int, w_rank: int, impl: str,
+                                               bias: bool) -> None:
+    """What the executable graph calls instead of ``time_distributed_dense`` gives the same
+    tensor (values, shape, strides) and the same gradients."""
+    from tdd_fx.lower import direct_kernel
+
+    fn = direct_kernel(rank, d, w_rank, impl, bias)
+    assert fn is not None  # every 2-D weight, and a conv's own pointwise weight
+    g = torch.Generator().manual_seed(rank * 10 + d)
+    shape = [2, 3, 4, 5, 3][:rank]
+    x = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+    w_shape = (6, shape[d], *([1] * (w_rank - 2)))
+    w = torch.randn(*w_shape, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    want = tdd_fx.ops.time_distributed_dense(x, w, b, feature_dim=d, impl=impl)
+    got = fn(x, w, b)
+    assert got.shape == want.shape and got.stride() == want.stride()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    leaves = [t for t in (x, w, b) if t is not None]
+    seed = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    for a, c in zip(torch.autograd.grad(want, leaves, seed), torch.autograd.grad(got, leaves, seed)):
+        torch.testing.assert_close(c, a, rtol=1e-12, atol=1e-12)
+
+
+def test_compile_and_export_trace_the_canonical_graph() -> None:
+    torch.manual_seed(0)
+    model = Block().eval()
+    x = torch.randn(3, 4, 6)
+    opt = tdd_fx.optimize(model, (x,))
+    ep = torch.export.export(opt, (x,), strict=False)
+    targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any(getattr(t, "__module__", "") == "tdd_fx.lower" for t in targets)
+    torch.testing.assert_close(ep.module()(x), model(x))
+
+
+class ExpandedBaddbmm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(5, 6))
+        self.bias = nn.Parameter(torch.randn(5, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, self.weight.expand(x.size(0), -1, -1), x)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_an_expanded_baddbmm_runs_with_its_own_column_bias(training: bool) -> None:
+    """``bias.view(-1)`` into the canonical node, then back to a column inside the kernel, is two
+    autograd nodes the original did not have: the executable graph hands baddbmm the column."""
+    from conftest import assert_equivalent
+
+    torch.manual_seed(0)
+    model = ExpandedBaddbmm().train(training)
+    x = torch.randn(3, 6, 7)
+    opt = tdd_fx.optimize(model, (x,))
+    program = next(p for p in programs_of(opt) if p.training == training)
+    run_code = program.graph_fn().__self__.code
+    assert "_baddbmm_col(" in run_code and ".view(" not in run_code, run_code
+    assert "time_distributed_dense(" in program.gm.code
+    assert_equivalent(opt, model, (x,))
+    assert_equivalent(opt, model, (torch.randn(2, 6, 11),))
+
+
+class GPTConv1D(nn.Module):
+    """GPT-2's ``Conv1D``: ``addmm`` on a folded view, weight stored ``(in, out)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 5))
+        self.bias = nn.Parameter(torch.randn(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size_out = x.size()[:-1] + (5,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_gpt2_conv1d_runs_addmm_on_its_stored_weight(training: bool) -> None:
+    """The canonical node reads ``W.t()``; the executable graph multiplies by ``W`` itself (no
+    transpose there and back, forward or backward)."""
+    from conftest import assert_equivalent
+
+    torch.manual_seed(0)
+    model = GPTConv1D().train(training)
+    x = torch.randn(3, 4, 6)
+    opt = tdd_fx.optimize(model, (x,))
+    (site,) = opt.tdd_report.rewritten
+    assert site.kernel == "addmm"
+    program = next(p for p in programs_of(opt) if p.training == training)
+    run_code = program.graph_fn().__self__.code
+    assert "addmm_in_out(" in run_code and ".t()" not in run_code, run_code
+    assert_equivalent(opt, model, (x,))
+    assert_equivalent(opt, model, (torch.randn(2, 9, 6),))

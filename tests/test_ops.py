@@ -149,11 +149,8 @@ def test_choose_kernel_heuristic():
 @pytest.mark.parametrize("prefer", sorted(MIRRORS - {"addmm"}))
 def test_choose_kernel_keeps_the_replaced_codes_own_kernel(prefer, dtype):
     """Never slower by default: a site whose hand-written code *was* one of the kernels keeps
-    it (off the last axis; on it, ``linear`` is ``nn.Linear`` itself) — except a 3-D pointwise
-    conv on CPU in full precision, where ``baddbmm`` measured never slower
-    (``benchmarks/bench_kernels.py``)."""
-    want = "baddbmm" if prefer == "conv" and dtype != torch.bfloat16 else prefer
-    assert choose_kernel(1, 3, "cpu", prefer=prefer, dtype=dtype) == want
+    it (off the last axis; on it, ``linear`` is ``nn.Linear`` itself)."""
+    assert choose_kernel(1, 3, "cpu", prefer=prefer, dtype=dtype) == prefer
     assert choose_kernel(1, 4, "cpu", prefer=prefer, dtype=dtype) == prefer
     assert choose_kernel(1, 3, "cuda", prefer=prefer, dtype=dtype) == prefer
     assert choose_kernel(2, 3, "cpu", prefer=prefer, dtype=dtype) == "linear"

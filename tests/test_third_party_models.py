@@ -10,6 +10,7 @@ module.  Expected sites are counted here from the models' own modules, independe
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 
 import pytest
@@ -63,18 +64,43 @@ def outputs_and_grads(model: nn.Module, args: tuple, kwargs: dict, seed: int = 0
 
 
 def assert_same(opt: nn.Module, model: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
-    """The optimized module computes the original's outputs and parameter/input gradients."""
+    """The optimized module computes the original's outputs and parameter/input gradients: equal
+    within ``assert_close``'s float32 tolerance, or — where a site runs another kernel than the
+    original (a pointwise ``Conv1d`` as ``baddbmm``: another summation order) — no further from a
+    float64 run of the original than 4x the original's own float32 error (the verification's
+    criterion; a wrong rewrite is off by the values' own size)."""
     kwargs = kwargs or {}
     want_out, want_grads = outputs_and_grads(model, args, kwargs)
     got_out, got_grads = outputs_and_grads(opt, args, kwargs)
     assert len(got_out) == len(want_out)
-    for got, want in zip(got_out, want_out):
-        torch.testing.assert_close(got, want)
-    for got, want in zip(got_grads, want_grads):
-        if got is None or want is None:
-            assert got is None and want is None
-        else:
-            torch.testing.assert_close(got, want)
+    assert len(got_grads) == len(want_grads)
+    pairs = list(zip(got_out, want_out)) + list(zip(got_grads, want_grads))
+    for got, want in pairs:
+        assert (got is None) == (want is None)
+    try:
+        for got, want in pairs:
+            if got is not None:
+                torch.testing.assert_close(got, want)
+    except AssertionError:
+        _assert_within_float32_error(pairs, model, args, kwargs)
+
+
+def _assert_within_float32_error(pairs: list, model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """The verification's rule (``tdd_fx.verify.compare``), here on the test's own inputs and
+    cotangent: each tensor's error against a float64 run of the original may exceed the
+    original's own float32 error by at most 3x it (plus float32 noise on the model's scale)."""
+    from tdd_fx.verify import compare
+
+    m64 = copy.deepcopy(model).double()
+    to64 = pytree.tree_map(lambda x: x.double() if isinstance(x, torch.Tensor)
+                           and x.is_floating_point() else x, (args, kwargs))
+    ref_out, ref_grads = outputs_and_grads(m64, *to64)
+    refs = list(ref_out) + list(ref_grads)
+    keep = [i for i, (got, _) in enumerate(pairs) if got is not None]
+    names = {i: f"output[{i}]" if i < len(ref_out) else f"grad[{i}]" for i in keep}
+    verdict = compare({names[i]: pairs[i][1] for i in keep}, {names[i]: pairs[i][0] for i in keep},
+                      {names[i]: refs[i] for i in keep})
+    assert verdict.ok, verdict.detail
 
 
 @contextlib.contextmanager

@@ -7,10 +7,10 @@ and program after the first call (the guarded path: the whole tree's train/eval 
 dicts, autocast, the inputs' ranks/dtypes/devices/sizes, the state's dtypes, read live), then
 the graph; anything the guarded path does not recognise takes the full path, which checks
 again and says why it falls back.  This prints, per model: the original's forward, the
-optimized forward, the graph alone (``gm.forward`` on pre-fetched state: what the rewrite itself
-costs or saves), and the difference (the dispatch, including ``nn.Module.__call__`` of the
-root, which the original pays too).  Forward under ``torch.no_grad()``, float32, eval mode; best
-of interleaved repeats.
+optimized forward, the graph alone (the executable graph, ``Program.graph_fn()``, on pre-fetched
+state: what the rewrite itself costs or saves), and the difference (the dispatch, including
+``nn.Module.__call__`` of the root, which the original pays too).  Forward under
+``torch.no_grad()``, float32, eval mode; best of interleaved repeats.
 """
 
 from __future__ import annotations
@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         model.eval()
         opt = tdd_fx.optimize(model, (x,))
         (program,) = [q for q in programs_of(opt) if not q.training]
-        state = program.fetch(opt)
+        state, graph = program.fetch(opt), program.graph_fn()
         fns = {"original": lambda m=model, x=x: m(x), "optimized": lambda m=opt, x=x: m(x),
-               "graph alone": lambda g=program.gm.forward, s=state, x=x: g(*s, x)}
+               "graph alone": lambda g=graph, s=state, x=x: g(*s, x)}
         best = dict.fromkeys(fns, float("inf"))
         with torch.no_grad():
             for _ in range(args.repeats):  # interleaved: a load spike hits all alike

@@ -308,7 +308,8 @@ def tune_result(original: nn.Module, result: nn.Module, example: Example, report
     if timing is None:
         report.notes.append(f"autotune: whole-model timing skipped (one {report.timing_mode} "
                             f"step of each model does not fit {budget:.2f} s three times); each "
-                            "kernel was kept only where measured faster than the heuristic's")
+                            "kernel was kept only where measured faster than the heuristic's; "
+                            f"{time.perf_counter() - start:.2f} s in all")
         return result
     before, after, noise = timing
     report.time_before_ms, report.time_after_ms = before * 1e3, after * 1e3

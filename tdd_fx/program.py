@@ -170,10 +170,11 @@ def _py(e: Any, names: dict[Any, str]) -> str:
     raise _NoSpelling(kind)
 
 
-def _check_lines(c: InputChecker, consts: dict[str, Any]) -> list[str]:
-    """Straight-line Python of :meth:`InputChecker.check` on ``flat`` (``return None`` on a
+def _check_lines(c: InputChecker, consts: dict[str, Any], miss: str = "None") -> list[str]:
+    """Straight-line Python of :meth:`InputChecker.check` on ``flat`` (``return <miss>`` on a
     miss); raises :class:`_NoSpelling` when a size expression has no exact integer spelling."""
-    lines = [f"if len(flat) != {len(c.leaves)}: return None"]
+    ret = f"return {miss}"
+    lines = [f"if len(flat) != {len(c.leaves)}: {ret}"]
     consts["Tensor"] = Tensor
     for i, (kind, info) in enumerate(c.leaves):
         lines.append(f"x{i} = flat[{i}]")
@@ -182,12 +183,12 @@ def _check_lines(c: InputChecker, consts: dict[str, Any]) -> list[str]:
             device = {"cpu": f"not x{i}.is_cpu", "cuda": f"not x{i}.is_cuda"}.get(
                 info[2], f"x{i}.device.type != {info[2]!r}")
             lines.append(f"if not isinstance(x{i}, Tensor) or x{i}.dtype is not dt{i} or "
-                         f"{device}: return None")
+                         f"{device}: {ret}")
             lines.append(f"sh{i} = x{i}.shape")
-            lines.append(f"if len(sh{i}) != {info[0]}: return None")
+            lines.append(f"if len(sh{i}) != {info[0]}: {ret}")
         else:
             consts[f"c{i}"], consts[f"t{i}"] = info, type(info)
-            lines.append(f"if type(x{i}) is not t{i} or x{i} != c{i}: return None")
+            lines.append(f"if type(x{i}) is not t{i} or x{i} != c{i}: {ret}")
     names: dict[Any, str] = {}
     for i, d, e in c.plan:
         size = f"sh{i}[{d}]"
@@ -195,14 +196,14 @@ def _check_lines(c: InputChecker, consts: dict[str, Any]) -> list[str]:
             names[e] = f"s{len(names)}"
             lo, hi = c.ranges.get(e, (0, None))
             lines.append(f"{names[e]} = {size}")
-            lines.append(f"if {names[e]} < {lo or 0}: return None")
+            lines.append(f"if {names[e]} < {lo or 0}: {ret}")
             if hi is not None:
-                lines.append(f"if {names[e]} > {hi}: return None")
+                lines.append(f"if {names[e]} > {hi}: {ret}")
         else:
-            lines.append(f"if {size} != {_py(e, names)}: return None")
+            lines.append(f"if {size} != {_py(e, names)}: {ret}")
     for sym, v in c.fixed.items():
         if sym in names:
-            lines.append(f"if {names[sym]} != {int(v)}: return None")
+            lines.append(f"if {names[sym]} != {int(v)}: {ret}")
     return lines
 
 
@@ -393,21 +394,11 @@ def tree_flags(module: nn.Module) -> tuple[bool, ...]:
 
 
 def _scan(module: nn.Module) -> tuple[tuple[bool, ...], nn.Module | None]:
-    """One walk of the tree (this runs on every call): the flags of :func:`tree_flags`, and a
-    submodule that has hooks registered on it, if any."""
-    flags, seen, stack, hooked = [], set(), [module], None
-    while stack:
-        m = stack.pop()
-        if id(m) in seen:
-            continue
-        seen.add(id(m))
-        flags.append(m.training)
-        if hooked is None and m is not module and (
-                m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or m._backward_pre_hooks):
-            hooked = m
-        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
-    return tuple(flags), hooked
+    """One walk of the tree (:func:`_tree`; this runs on every call of the full path): the
+    flags of :func:`tree_flags`, and a submodule that has hooks registered on it, if any."""
+    tree = _tree(module)
+    hooked = next((m for m, _ in tree[1:] if any(getattr(m, h) for h in _HOOKS)), None)
+    return tuple(m.training for m, _ in tree), hooked
 
 
 def _tree(module: nn.Module) -> list[tuple[nn.Module, list[tuple[str, Any]]]]:
@@ -427,30 +418,31 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 
 
 def _tree_lines(tree: list[tuple[nn.Module, list[tuple[str, Any]]]], flags: tuple[bool, ...],
-                scope: dict[str, Any]) -> tuple[list[str], dict[int, str]]:
+                scope: dict[str, Any], miss: str) -> tuple[list[str], dict[int, str]]:
     """Lines checking that the live tree is still ``tree`` (the same module objects in the same
     places, nothing added), with ``flags``, and no hooks below the root (the root's own hooks
-    are run by ``nn.Module.__call__``)."""
+    are run by ``nn.Module.__call__``); each failing check returns ``miss``."""
+    ret = f"return {miss}"
     var = {id(m): f"M{i}" for i, (m, _) in enumerate(tree)}
     lines = []
     for (m, children), flag in zip(tree, flags):
         v = var[id(m)]
         scope[v] = m
-        lines.append(f"if {v}.training is not {flag}: return None")
+        lines.append(f"if {v}.training is not {flag}: {ret}")
         if m is not tree[0][0]:
-            lines.append("if " + " or ".join(f"{v}.{h}" for h in _HOOKS) + ": return None")
+            lines.append("if " + " or ".join(f"{v}.{h}" for h in _HOOKS) + f": {ret}")
         lines.append(f"c = {v}._modules")
-        lines.append(f"if len(c) != {len(children)}: return None")
+        lines.append(f"if len(c) != {len(children)}: {ret}")
         for name, child in children:
             want = "None" if child is None else var[id(child)]
-            lines.append(f"if c.get({name!r}) is not {want}: return None")
+            lines.append(f"if c.get({name!r}) is not {want}: {ret}")
     return lines, var
 
 
 def _state_lines(program: Program, root: nn.Module, var: dict[int, str],
-                 scope: dict[str, Any]) -> list[str]:
+                 scope: dict[str, Any], miss: str) -> list[str]:
     """Lines reading each state value live (as :func:`_fetcher`) into ``v0, v1, ...``, each
-    checked to have its captured dtype."""
+    checked to have its captured dtype (else ``return <miss>``)."""
     lines = []
     slots = {"parameter": "_parameters", "buffer": "_buffers"}
     scope.update(_fetch=_fetch, _getattr=getattr, constants=program.constants, root=root)
@@ -463,7 +455,7 @@ def _state_lines(program: Program, root: nn.Module, var: dict[int, str],
         else:
             lines.append(f"v{k} = _fetch(root, {kind!r}, {target!r}, constants)")
         scope[f"sd{k}"] = dtype
-        lines.append(f"if v{k}.dtype is not sd{k}: return None")
+        lines.append(f"if v{k}.dtype is not sd{k}: return {miss}")
     return lines
 
 
@@ -495,16 +487,16 @@ def _guarded(root: nn.Module, program: Program) -> Any:
     else:
         lines += ["try: flat = flatten(args, kwargs)", "except CallMismatch: return MISS"]
     try:
-        lines += _check_lines(program.checker, scope)
+        lines += _check_lines(program.checker, scope, miss="MISS")
     except _NoSpelling:
         return None
     for i, want in enumerate(program.layouts or ()):
         if want is not None:
             scope[f"lay{i}"] = want
             lines.append(f"if layout(x{i}) != lay{i}: return MISS")
-    tree_lines, var = _tree_lines(_tree(root), program.flags, scope)
-    lines += tree_lines + _state_lines(program, root, var, scope)
-    body = ["try:", *(f"    {ln.replace('return None', 'return MISS')}" for ln in lines),
+    tree_lines, var = _tree_lines(_tree(root), program.flags, scope, miss="MISS")
+    lines += tree_lines + _state_lines(program, root, var, scope, miss="MISS")
+    body = ["try:", *(f"    {ln}" for ln in lines),
             "except (AttributeError, KeyError): return MISS",
             # (looked up per call: autotune recompiles; our own graph has no hooks)
             f"out = graph_fn()({', '.join(f'v{k}' for k in range(len(program.state)))}"

@@ -162,8 +162,8 @@ def direct_kernel(rank: int, d: int, w_rank: int, impl: str, bias: bool
                   ) -> Callable[..., Any] | None:
     """The function ``(x, w, b) -> y`` that :func:`tdd_fx.ops.time_distributed_dense` ends up
     calling for these static facts, or None (then the node keeps the generic call)."""
-    if w_rank == rank and d == 1 and impl in ("conv", "conv1d") and rank in _CONVS:
-        return _CONVS[rank]  # the conv's own pointwise weight, as time_distributed_dense does
+    if w_rank == rank and d == 1 and impl in ("conv", "conv1d") and rank in ops._CONVS:
+        return ops._CONVS[rank]  # the conv's own pointwise weight, as time_distributed_dense does
     if w_rank != 2:
         return None
     if d == rank - 1 and impl != "addmm":
@@ -174,16 +174,13 @@ def direct_kernel(rank: int, d: int, w_rank: int, impl: str, bias: bool
     return None if kernel is None else _with_axis(kernel, d)
 
 
-_CONVS = {3: torch.conv1d, 4: torch.conv2d, 5: torch.conv3d}
-
-
 def _baddbmm_bias(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    # the (out, 1) bias broadcasts inside baddbmm, as hand-written code passes it (eager only:
-    # baddbmm's meta function rejects a broadcast bias on symbolic sizes)
-    return torch.baddbmm(b.unsqueeze(-1), w.expand(x.shape[0], -1, -1), x)
+    return _baddbmm_col(x, w, b.unsqueeze(-1))
 
 
 def _baddbmm_col(x: torch.Tensor, w: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    # the (out, 1) bias broadcasts inside baddbmm, as hand-written code passes it (eager only:
+    # baddbmm's meta function rejects a broadcast bias on symbolic sizes)
     return torch.baddbmm(col, w.expand(x.shape[0], -1, -1), x)
 
 

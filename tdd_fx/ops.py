@@ -115,6 +115,11 @@ KERNELS: dict[str, Callable[[Tensor, Tensor, Tensor | None, int], Tensor]] = {
 }
 
 
+#: kernels whose output is strided (features moved innermost for ``F.linear``, then moved back);
+#: every other kernel writes row-major output.  A random op after a site draws one number per
+#: element in memory order, so it sees the difference.
+STRIDED_OUTPUT = frozenset({"linear_t", "linear_tc"})
+
 #: kernels that *are* the computation of a hand-written form (``Conv1d`` → ``conv``, ``bmm`` with
 #: an expanded weight → ``baddbmm``, ``matmul`` → ``matmul``, the channel-first sandwich
 #: ``x.transpose(1, 2).reshape(-1, F)`` → ``Linear`` → back → ``linear_tc``, GPT-2's ``Conv1D``

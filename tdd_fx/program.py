@@ -659,7 +659,7 @@ def _layout_dependence(gm: fx.GraphModule, n_state: int) -> str:
             continue
         if not any(a in follows for a in n.all_input_nodes) or _fresh_layout(n):
             continue
-        if _draws_random(n):
+        if draws_random(n):
             return (f"the graph draws random numbers over a tensor laid out as the input is "
                     f"({n.name}: one per element, in memory order)")
         if n.target in _STRIDE_BOUND and _merges_axes(n):
@@ -678,7 +678,7 @@ def _fresh_layout(n: fx.Node) -> bool:
     return n.target in _COPIES and fmt is not None and fmt != torch.preserve_format
 
 
-def _draws_random(n: fx.Node) -> bool:
+def draws_random(n: fx.Node) -> bool:
     """``n`` draws random numbers (not a dropout with ``train`` False or ``p`` 0)."""
     t = n.target
     if not (isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags):

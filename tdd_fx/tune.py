@@ -204,18 +204,6 @@ def decide(times: Times, default: str) -> str:
     return best if tb * (1 + max(nb, nd, 0.02)) < td else default
 
 
-#: kernels whose output is strided (features innermost, then moved back) vs row-major: a random
-#: op after the node draws per element in memory order, so with random ops in the graph a
-#: measured kernel must lay its output out as the verified one did
-_STRIDED = frozenset({"linear_t", "linear_tc"})
-
-
-def _draws_random(gm: fx.GraphModule) -> bool:
-    from .optables import ANY_RANDOM
-
-    return any(n.op == "call_function" and n.target in ANY_RANDOM for n in gm.graph.nodes)
-
-
 def tune(gm: fx.GraphModule, train: bool, device: torch.device,
          deadline: float = float("inf")) -> tuple[dict[str, Times], int, int]:
     """Fix the measured kernel in every canonical node of ``gm`` (timed at the example's sizes,
@@ -224,7 +212,10 @@ def tune(gm: fx.GraphModule, train: bool, device: torch.device,
     many changed kernel."""
     measured: dict[str, Times] = {}
     skipped = changed = 0
-    random = _draws_random(gm)
+    from .program import draws_random
+
+    # with random ops, a measured kernel must lay its output out as the verified one did
+    random = any(draws_random(n) for n in gm.graph.nodes)
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.target is not ops.time_distributed_dense:
             continue
@@ -243,7 +234,8 @@ def tune(gm: fx.GraphModule, train: bool, device: torch.device,
         times = kernel_times(shape, fd, int(w.shape[0]), x.dtype, device, train)
         old = n.kwargs.get("impl", "linear")
         if random:
-            times = {k: v for k, v in times.items() if (k in _STRIDED) == (old in _STRIDED)}
+            strided = old in ops.STRIDED_OUTPUT
+            times = {k: v for k, v in times.items() if (k in ops.STRIDED_OUTPUT) == strided}
         new = decide(times, old)
         changed += new != old
         n.kwargs = {**n.kwargs, "impl": new}

@@ -125,12 +125,17 @@ class Block(nn.Module):
         return torch.tanh(self.norm(y)).transpose(1, 2)
 
 
-def test_the_executable_graph_is_lowered_and_the_inspectable_one_is_not() -> None:
+def _optimized_block() -> tuple[nn.Module, nn.Module, Any, torch.Tensor]:
+    """(model, optimized, its eval-mode program, example)"""
     torch.manual_seed(0)
     model = Block().eval()
     x = torch.randn(3, 4, 6)
     opt = tdd_fx.optimize(model, (x,))
-    program = next(p for p in programs_of(opt) if not p.training)
+    return model, opt, next(p for p in programs_of(opt) if not p.training), x
+
+
+def test_the_executable_graph_is_lowered_and_the_inspectable_one_is_not() -> None:
+    model, opt, program, _ = _optimized_block()
     code = program.gm.code
     run_code = program.graph_fn().__self__.code
     assert "torch.ops.aten.transpose.int" in code
@@ -143,11 +148,7 @@ def test_the_executable_graph_is_lowered_and_the_inspectable_one_is_not() -> Non
 
 def test_the_executable_graph_follows_a_recompiled_graph() -> None:
     """Autotune edits a program's graph after it ran: the executable copy is rebuilt."""
-    torch.manual_seed(0)
-    model = Block().eval()
-    x = torch.randn(3, 4, 6)
-    opt = tdd_fx.optimize(model, (x,))
-    program = next(p for p in programs_of(opt) if not p.training)
+    model, opt, program, x = _optimized_block()
     opt(x)
     before = program.graph_fn()
     for n in program.gm.graph.nodes:
@@ -203,15 +204,23 @@ def test_a_direct_kernel_is_the_canonical_call(rank: int, d: int, w_rank: int, i
         torch.testing.assert_close(c, a, rtol=1e-12, atol=1e-12)
 
 
-def test_compile_and_export_trace_the_canonical_graph() -> None:
-    torch.manual_seed(0)
-    model = Block().eval()
-    x = torch.randn(3, 4, 6)
-    opt = tdd_fx.optimize(model, (x,))
+def test_compile_and_export_trace_the_canonical_graph(monkeypatch) -> None:
+    """The lowered copy is for eager calls: export and compile never build or run it."""
+    from tdd_fx.program import Program
+
+    model, opt, _, x = _optimized_block()
+
+    def eager_only(self: Program) -> Any:
+        raise AssertionError("the lowered graph was used while tracing")
+
+    monkeypatch.setattr(Program, "graph_fn", eager_only)
     ep = torch.export.export(opt, (x,), strict=False)
-    targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
-    assert not any(getattr(t, "__module__", "") == "tdd_fx.lower" for t in targets)
     torch.testing.assert_close(ep.module()(x), model(x))
+    torch._dynamo.reset()
+    compiled = torch.compile(opt, backend="eager", fullgraph=False)
+    torch.testing.assert_close(compiled(x), model(x))
+    with pytest.raises(AssertionError, match="lowered graph was used"):
+        opt(x)  # (an eager call does use it: the patch is live)
 
 
 class ExpandedBaddbmm(nn.Module):

@@ -63,8 +63,6 @@ FROM_PARAMS = ("the weight is computed in forward (from parameters or constants)
 _MIRROR = {aten.matmul.default: "matmul", aten.bmm.default: "baddbmm",
            aten.baddbmm.default: "baddbmm"}
 
-#: kernels whose output is not row-major (features innermost, then moved back)
-_TRANSPOSING = frozenset({"linear_t", "linear_tc"})
 _DROPOUTS = frozenset({aten.dropout.default, aten.alpha_dropout.default,
                        aten.feature_dropout.default, aten.feature_alpha_dropout.default,
                        aten.native_dropout.default})
@@ -386,7 +384,7 @@ def _same_layout(p: Product, ctx: Context, kernel: str) -> str:
     order = sorted(axes, key=lambda i: -strides[i])  # outermost first
     d = p.fd % len(shape)
     if order == axes:  # row-major: every kernel but the transposing ones
-        return "matmul" if kernel in _TRANSPOSING and d != len(shape) - 1 else kernel
+        return "matmul" if kernel in ops.STRIDED_OUTPUT and d != len(shape) - 1 else kernel
     if d in axes and order == [i for i in axes if i != d] + [d]:
         return "linear_t"  # features innermost, as F.linear leaves them before moving back
     return kernel

@@ -1,6 +1,7 @@
 """Layout across regions: chains of channel-first sites run features-last, one transpose in and
 one out, instead of a transpose pair per site, where that copies fewer tensors between layouts
-(:func:`fewer_transposes`: a chain of ``conv`` sites, which transpose nothing, stays as it is).
+(:func:`fewer_transposes`: a chain of ``conv`` or ``baddbmm`` sites, which transpose nothing,
+stays as it is).
 
 The identity the pass relies on.  Let R be a region of the rewritten graph: canonical nodes
 ``time_distributed_dense(., W, b, feature_dim=d)`` with the same non-last ``d`` on tensors of the

@@ -12,8 +12,11 @@ except ``feature_dim``; the output keeps the input's layout with ``in`` replaced
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -102,6 +105,14 @@ def _conv(x: Tensor, w: Tensor, b: Tensor | None, d: int) -> Tensor:
     return _CONVS[x.dim()](x, w.reshape(*w.shape, *([1] * (x.dim() - 2))), b)
 
 
+def _conv_span(x: Tensor, w: Tensor, b: Tensor | None, d: int) -> Tensor:
+    """The ``Conv2d(1, O, (F, 1))`` stem's own computation: the features (axis 1 of ``(B, F, T)``)
+    are the height of a one-channel image, spanned by one ``(F, 1)`` kernel per output."""
+    if d != 1 or x.dim() != 3:
+        return _conv(x, w, b, d)
+    return F.conv2d(x.unsqueeze(1), w.reshape(w.shape[0], 1, w.shape[1], 1), b).squeeze(2)
+
+
 #: The kernels by name.  Each computes the same function; they differ only in speed.
 KERNELS: dict[str, Callable[[Tensor, Tensor, Tensor | None, int], Tensor]] = {
     "linear": _linear_last,
@@ -111,6 +122,7 @@ KERNELS: dict[str, Callable[[Tensor, Tensor, Tensor | None, int], Tensor]] = {
     "baddbmm": _baddbmm,
     "addmm": _addmm,
     "conv": _conv,
+    "conv_span": _conv_span,
     "conv1d": _conv,  # the name earlier reports used for 3-D inputs
 }
 
@@ -123,12 +135,48 @@ STRIDED_OUTPUT = frozenset({"linear_t", "linear_tc"})
 #: kernels that *are* the computation of a hand-written form (``Conv1d`` → ``conv``, ``bmm`` with
 #: an expanded weight → ``baddbmm``, ``matmul`` → ``matmul``, the channel-first sandwich
 #: ``x.transpose(1, 2).reshape(-1, F)`` → ``Linear`` → back → ``linear_tc``, GPT-2's ``Conv1D``
-#: → ``addmm``): keeping one costs nothing
-MIRRORS = frozenset({"conv", "baddbmm", "matmul", "linear_tc", "addmm"})
+#: → ``addmm``, the ``Conv2d(1, O, (F, 1))`` stem → ``conv_span``): keeping one costs nothing
+MIRRORS = frozenset({"conv", "conv_span", "baddbmm", "matmul", "linear_tc", "addmm"})
+
+#: the largest ``F * O`` (input times output features) at which a CPU float32/float64 3-D site
+#: with no mirror runs ``baddbmm`` rather than ``conv`` (``benchmarks/results/kernels_cpu.md``)
+BADDBMM_MAX_FO = 64 * 64
+
+
+#: mirrors that a small CPU float32/float64 site trades for ``baddbmm`` (same row-major
+#: channel-first output as ``conv``; ``linear_tc`` only where nothing random follows), subject
+#: to verification: see :func:`kernel_policy`
+SPECULATIVE = frozenset({"conv", "linear_tc"})
+
+
+@dataclass
+class _Policy:
+    speculate: bool = False
+    speculated: list[str] = field(default_factory=list)
+
+
+_POLICY: contextvars.ContextVar[_Policy | None] = contextvars.ContextVar(
+    "tdd_fx_kernel_policy", default=None)
+
+
+@contextlib.contextmanager
+def kernel_policy(speculate: bool) -> Iterator[list[str]]:
+    """Within it (with ``speculate``), :func:`choose_kernel` may trade a mirror for ``baddbmm``
+    (:data:`SPECULATIVE`) and records each such choice in the list it yields; outside it, or
+    without ``speculate``, every site keeps the replaced code's own kernel.  Verification builds
+    an eval-mode program under it and, when one with speculative kernels fails, rebuilds it
+    without."""
+    policy = _Policy(speculate)
+    token = _POLICY.set(policy)
+    try:
+        yield policy.speculated
+    finally:
+        _POLICY.reset(token)
 
 
 def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu",
-                  prefer: str | None = None, dtype: torch.dtype | None = None) -> str:
+                  prefer: str | None = None, dtype: torch.dtype | None = None,
+                  size: tuple[Any, Any] | None = None, speculate: bool = True) -> str:
     """Heuristic kernel choice (used when no measurement is asked for).
 
     Features on the last axis: ``linear`` (this *is* ``nn.Linear``; nothing is faster), or
@@ -141,16 +189,29 @@ def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu
     1.5-1.9x slower than the sandwich it replaced at (B, T, F, O) = (8, 100, 40, 64) in float32,
     and 1.4-1.7x slower than an expanded ``baddbmm``.)
 
-    A pointwise ``Conv1d`` keeps ``conv`` although ``baddbmm`` measured faster on this CPU in
-    float32 (36 of 54 points of ``benchmarks/bench_kernels.py``'s grid, never slower): its other
-    summation order, amplified by a train-mode BatchNorm, put speechbrain's ECAPA-TDNN input
-    gradient 5x further from float64 than the original's own float32 error — outside the
-    verification's rule — where the mirror is bit-identical.  ``autotune=True`` can still pick it.
+    Except, in an eval-mode graph on CPU in float32/float64 for a small weight (``F * O <=``
+    :data:`BADDBMM_MAX_FO`) on 3-D channel-first data: a pointwise ``Conv1d`` and (with
+    ``speculate``: nothing random after it) the sandwich run ``baddbmm``, which both CPUs of
+    ``benchmarks/bench_kernels.py`` measured faster than ``conv`` there (2-5x at batch 8-32) and
+    at ``nn.Linear``'s speed on the forms benchmark.  Its other summation order is not
+    bit-identical to the mirror: in a training graph, batch statistics (a train-mode BatchNorm
+    subtracts batch means in its backward pass) amplify the difference — speechbrain's
+    ECAPA-TDNN verified on its example but put gradients 4-10x beyond the original's own float32
+    error on other inputs — so training graphs keep the mirrors.  In eval mode the choice is
+    speculative: made only under :func:`kernel_policy`, and a program that fails verification
+    with it is rebuilt with the mirrors.
 
-    With no such kernel (a ``Conv2d(1, O, (F, 1))`` stem, a channel-first einsum), features on
-    axis 1: on CUDA, ``conv`` (cuDNN); on CPU for a 3-D input, ``baddbmm`` in float32/float64
-    and ``conv`` in reduced precision (where the same grid has ``conv`` ahead); for 4-5-D inputs
-    ``conv`` in float32/float64, else ``prefer`` or ``linear_t``.
+    On CPU in float32/float64, a 3-D site with features on axis 1 that is a ``Conv2d(1, O, (F, 1))``
+    stem (``prefer="conv_span"``, its own ``conv2d``) or had no kernel at all (a channel-first
+    einsum) runs ``baddbmm`` when the weight is small (``size`` = (F, O) with ``F * O <=``
+    :data:`BADDBMM_MAX_FO`) and ``conv`` otherwise or when ``size`` is unknown: on two CPUs
+    ``benchmarks/bench_kernels.py`` had ``baddbmm`` 2-5x ahead of ``conv`` at small weights but,
+    on the second (AVX-512), up to 1.7x behind it at (F, O) = (128, 256), where ``conv`` beat the
+    original stem on both.  In bfloat16 the two CPUs disagree (``conv`` ahead on one, ``baddbmm``
+    2x ahead on the other, where ``conv`` ran the stem 1.2x slower than its own ``conv2d``), and
+    CUDA is unmeasured here: there the stem keeps ``conv_span``.  Other sites with no such
+    kernel: on CUDA ``conv`` (cuDNN); on CPU for a 3-D input in reduced precision ``conv``; for
+    4-5-D inputs ``conv`` in float32/float64, else ``prefer`` or ``linear_t``.
     ``optimize(..., autotune=True)`` measures instead.
     """
     d = feature_dim % ndim if ndim else feature_dim
@@ -158,15 +219,33 @@ def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu
         return "addmm" if prefer == "addmm" else "linear"
     full = dtype is None or dtype in (torch.float32, torch.float64)
     cuda = torch.device(device).type == "cuda"
+    small = (fo := _known_product(size)) is not None and fo <= BADDBMM_MAX_FO
+    cpu_rows = full and not cuda and d == 1 and ndim == 3
+    if prefer == "conv_span" and cpu_rows:
+        prefer = None  # the size rule below beat the stem's own conv2d on both CPUs measured
+    policy = _POLICY.get()
+    if prefer in SPECULATIVE and cpu_rows and small and speculate and policy and policy.speculate:
+        policy.speculated.append(prefer)
+        return "baddbmm"
     if prefer in MIRRORS and prefer != "addmm":
         return prefer
     if d == 1 and ndim == 3 and not cuda:
-        return "baddbmm" if full else "conv"
+        return "baddbmm" if full and small else "conv"
     if d == 1 and 3 <= ndim <= 5 and (full or cuda):
         return "conv"
     if prefer is not None and prefer != "addmm":
         return prefer
     return "linear_t"
+
+
+def _known_product(size: tuple[Any, Any] | None) -> int | None:
+    """``F * O`` when both sizes are known integers (never a guard on a symbolic size)."""
+    if size is None or any(isinstance(n, torch.SymInt) for n in size):
+        return None
+    try:
+        return int(size[0]) * int(size[1])
+    except (TypeError, ValueError):
+        return None
 
 
 def _fx_leaf(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from . import rewrite
+from . import ops, rewrite
 from ._state import preserved
 from .capture import Captured, CaptureError, capture, copy_module_tree, describe_failure
 from .families import FAMILIES, Context, Family, Match
@@ -152,7 +152,7 @@ def verify_mode(model: nn.Module, example: Example, captured: Captured, proved: 
         return result
     sets = _input_sets(model, example, captured, proved, names, flags, result.notes)
     trial = _Trial(model, captured, names, flags, sets, _mode_reference(model, flags, sets))
-    if trial.check(proved):
+    if trial.check(proved) or _with_mirrors(trial, proved, result.notes):
         good = proved
     elif not trial.check([]):
         result.verdict = trial.verdict
@@ -172,6 +172,19 @@ def verify_mode(model: nn.Module, example: Example, captured: Captured, proved: 
         except Exception:  # a per-site figure is a report detail; the model is verified whole
             result.site_errors = {}
     return result
+
+
+def _with_mirrors(trial: _Trial, proved: list[Match], notes: list[str]) -> bool:
+    """After a failed check whose program ran speculative kernels: the same matches with every
+    site on its own code's kernel (kept for the rest of this mode, bisection included)."""
+    if not trial.speculated:
+        return False
+    traded, detail = ", ".join(trial.speculated), trial.verdict.detail
+    trial.mirrors_only = True
+    ok = trial.check(proved)
+    notes.append(f"kernels: baddbmm in place of {traded} did not verify ({detail}); every site "
+                 f"keeps its own code's kernel" + ("" if ok else " (and is checked site by site)"))
+    return ok
 
 
 def _input_sets(model: nn.Module, example: Example, captured: Captured, proved: list[Match],
@@ -212,10 +225,17 @@ class _Trial:
     verdict: Verdict = field(default_factory=lambda: Verdict(False, float("inf"), "not run"))
     program: Program | None = None
     kernels: dict[str, tuple[str, int]] = field(default_factory=dict)
+    #: every site keeps the replaced code's own kernel (set once speculative kernels failed)
+    mirrors_only: bool = False
+    #: mirrors the last build traded for a speculative kernel (see ``ops.kernel_policy``)
+    speculated: list[str] = field(default_factory=list)
 
     def check(self, matches: list[Match]) -> bool:
         try:
-            program, kernels = build_program(self.captured, matches, self.names, self.flags)
+            speculate = not (self.mirrors_only or self.captured.training)
+            with ops.kernel_policy(speculate) as speculated:
+                program, kernels = build_program(self.captured, matches, self.names, self.flags)
+            self.speculated = sorted(set(speculated))
             v = _verify_program(self.model, program, self.sets, self.ref, self.flags)
         except Exception as exc:
             v, program, kernels = Verdict(False, float("inf"),

@@ -169,11 +169,24 @@ def _fold_permutes(rw: Rewriter, node: fx.Node) -> bool:
         return False
     new = rw.tdd(src.args[0], node.args[1], node.args[2], feature_dim=p_in[-1],
                  site=node.meta["tdd_site"], before=users[0], like=node,
-                 impl=ops.choose_kernel(p_in[-1], rank, prefer="linear_tc",
-                                       dtype=_dtype(node)))
+                 impl=ops.choose_kernel(p_in[-1], rank, _device(node), prefer="linear_tc",
+                                        dtype=_dtype(node),
+                                        size=_dense_size(node.args[1]),
+                                        speculate=layout.random_op(rw.graph) is None))
     rw.replace(users[0], new)
     erase_dead([users[0]], rw.graph)
     return True
+
+
+def _dense_size(weight: Any) -> tuple[Any, Any] | None:
+    """(in, out) features of a 2-D ``(out, in)`` weight node."""
+    val = weight.meta.get("val") if isinstance(weight, fx.Node) else None
+    return (val.shape[1], val.shape[0]) if isinstance(val, torch.Tensor) and val.dim() == 2 else None
+
+
+def _device(node: fx.Node) -> torch.device | str:
+    val = node.meta.get("val")
+    return val.device if isinstance(val, torch.Tensor) else "cpu"
 
 
 def _dtype(node: fx.Node) -> torch.dtype | None:

@@ -132,7 +132,7 @@ def candidates_for(ndim: int, feature_dim: int) -> list[str]:
         return ["linear"]
     names = ["linear_t", "linear_tc", "matmul"]
     if ndim == 3 and d == 1:
-        names.append("baddbmm")
+        names += ["baddbmm", "conv_span"]
     if d == 1 and 3 <= ndim <= 5:
         names.append("conv")
     return names

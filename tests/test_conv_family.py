@@ -428,3 +428,93 @@ def test_mixed_model_rewrites_only_the_pointwise_conv() -> None:
     assert [node_module_path(n) for n in conv_nodes(gm)] == ["0"], gm.code
     assert [node_module_path(n) for n in canonical_nodes(gm)] == ["2"], gm.code
     assert_equivalent(opt, model, (x,))
+
+
+# --- default kernels of pointwise convs and stems -------------------------------------------
+class _PointwisePair(nn.Module):
+    def __init__(self, f: int, o: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv1d(f, o, 1), nn.Conv1d(o, f, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.b(torch.relu(self.a(x)))
+
+
+class _Stem(nn.Module):
+    def __init__(self, f: int, o: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, o, (f, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x.unsqueeze(1)).squeeze(2))
+
+
+def _kernels(opt: nn.Module) -> list[str]:
+    return [s.kernel for s in opt.tdd_report.sites if s.status == "rewritten"]
+
+
+def _graph_kernels(opt: nn.Module, mode: str) -> list[str]:
+    return [n.kwargs["impl"] for n in tdd_fx.graph_of(opt, mode=mode).graph.nodes
+            if n.target is time_distributed_dense]
+
+
+@pytest.mark.parametrize(("f", "o", "dtype", "want"), [
+    (40, 64, torch.float32, "baddbmm"),  # small weight, float32, eval: baddbmm (speculative)
+    (128, 256, torch.float32, "conv"),  # large weight: the conv's own kernel
+    (40, 64, torch.bfloat16, "conv"),  # reduced precision: the conv's own kernel
+])
+def test_pointwise_conv_default_kernel(f: int, o: int, dtype: torch.dtype, want: str) -> None:
+    """In the eval-mode graph, ``want``; in the training graph always the conv's own kernel
+    (bit-identical: batch statistics would amplify another summation order)."""
+    torch.manual_seed(0)
+    model = _PointwisePair(f, o).to(dtype).eval()
+    x = torch.randn(4, f, 9, dtype=dtype)
+    opt = tdd_fx.optimize(model, (x,))
+    assert _kernels(opt) == [want, want], str(opt.tdd_report)
+    assert _graph_kernels(opt, "eval") == [want, want]
+    assert _graph_kernels(opt, "train") == ["conv", "conv"]
+    assert_equivalent(opt, model, (x,))
+    opt.train(), model.train()
+    xg = x.clone().requires_grad_()
+    y_opt, y_ref = opt(xg), model(xg.clone())
+    assert torch.equal(y_opt, y_ref)  # the training graph runs the convs themselves
+
+
+@pytest.mark.parametrize(("f", "o", "dtype", "want"), [
+    (40, 64, torch.float32, "baddbmm"),
+    (128, 256, torch.float32, "conv"),
+    (40, 64, torch.bfloat16, "conv_span"),  # CPUs disagree in bfloat16: the stem's own conv2d
+])
+def test_spectrogram_stem_default_kernel(f: int, o: int, dtype: torch.dtype, want: str) -> None:
+    torch.manual_seed(0)
+    model = _Stem(f, o).to(dtype)
+    x = torch.randn(4, f, 9, dtype=dtype)
+    opt = tdd_fx.optimize(model, (x,))
+    assert _kernels(opt) == [want], str(opt.tdd_report)
+    if want == "conv_span":  # the stem's own computation: bit-identical, gradients included
+        xg = x.clone().requires_grad_()
+        y_opt, y_ref = opt(xg), model(xg.clone())
+        assert torch.equal(y_opt, y_ref)
+    assert_equivalent(opt, model, (x,))
+
+
+def test_speculative_kernel_that_fails_verification_falls_back_to_the_convs_own(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``baddbmm`` traded for a pointwise conv's own kernel is checked like any rewrite: when
+    the program with it does not verify, every site is rebuilt with its conv and verified again
+    (no site is lost to a kernel's numerics), and the report says so."""
+    import tdd_fx.lower as lower
+
+    def off(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(b.unsqueeze(-1), w.expand(x.shape[0], -1, -1), x) * 1.01
+
+    monkeypatch.setattr(lower, "_baddbmm_bias", off)
+    torch.manual_seed(0)
+    model = _PointwisePair(40, 64).eval()
+    x = torch.randn(4, 40, 9)
+    opt = tdd_fx.optimize(model, (x,))
+    report = opt.tdd_report
+    assert _kernels(opt) == ["conv", "conv"], str(report)
+    assert not report.rolled_back, str(report)
+    assert any("baddbmm in place of conv did not verify" in n for n in report.notes), str(report)
+    assert_equivalent(opt, model, (x,))

@@ -7,6 +7,7 @@ positions, costly escapes)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -22,6 +23,15 @@ from tdd_fx.ops import time_distributed_dense
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 C, H, G = 6, 10, 3
+
+
+def row_major(mode: str) -> str:
+    """The kernel of these small pointwise convs (float32, CPU) in a graph of ``mode``: one that
+    reads and writes channel-first rows (``baddbmm`` in eval mode, their own ``conv`` in
+    training)."""
+    with tdd_fx.ops.kernel_policy(speculate=mode == "eval"):
+        return tdd_fx.ops.choose_kernel(1, 3, "cpu", prefer="conv", dtype=torch.float32,
+                                        size=(C, H))
 SIZES = [(3, 7), (2, 2), (5, 12), (2, 33)]  # (batch, time)
 _LAYOUT = {"permute", "transpose", "movedim", "t", "numpy_T"}
 
@@ -330,10 +340,10 @@ def test_conv_stacks_are_left_alone(make, sites, own, said) -> None:
     move would only add the transposes in and out (and switch the kernels to ``linear``)."""
     model = make()
     opt, gm = optimized(model)
-    row_major = tdd_fx.ops.choose_kernel(1, 3, "cpu", prefer="conv", dtype=torch.float32)
-    assert said.kernels == {row_major}
-    assert_left_alone(gm, said, sites, row_major, _NO_GAIN)
-    assert all(f"(kernels {row_major}/{row_major}" in n for n in said.notes)
+    kernels = {row_major("eval"), row_major("train")}
+    assert kernels == {"baddbmm", "conv"} and said.kernels == kernels  # (both graphs built)
+    assert_left_alone(gm, said, sites, row_major("eval"), _NO_GAIN)
+    assert all(re.search(r"\(kernels (conv|baddbmm)/\1", n) for n in said.notes), said.notes
     assert len(layout_ops(gm)) == own  # the model's own (a layer norm's transposes)
     assert copies(gm) == []
     assert_same_everywhere(opt, model)
@@ -361,8 +371,7 @@ def test_escape_mid_region_too_costly_keeps_kernels(said) -> None:
 
 
 @pytest.mark.parametrize("make,impl,sizes", [
-    (lambda: TCN(dropout=0.3), tdd_fx.ops.choose_kernel(1, 3, "cpu", prefer="conv",
-                                                        dtype=torch.float32), rank3),
+    (lambda: TCN(dropout=0.3), row_major("train"), rank3),
     (lambda: Residual4(3, dropout=0.3), "linear_tc", rank4)], ids=["conv", "transposing"])
 def test_train_dropout_keeps_per_site_kernels(make, impl, sizes, said) -> None:
     model = make()
@@ -388,7 +397,6 @@ def test_single_site_keeps_its_kernel(said) -> None:
     opt, gm = optimized(Single())
     (node,) = canonical(gm)
     assert node.kwargs["feature_dim"] == 1
-    assert node.kwargs["impl"] == tdd_fx.ops.choose_kernel(1, 3, prefer="conv",
-                                                           dtype=torch.float32)
+    assert node.kwargs["impl"] == row_major("eval")
     assert layout_ops(gm) == []
     assert all("a single site keeps its kernel" in n for n in said.notes)

@@ -6,6 +6,7 @@ import copy
 import warnings
 
 import pytest
+import sympy
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -146,7 +147,7 @@ def test_choose_kernel_heuristic():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("prefer", sorted(MIRRORS - {"addmm"}))
+@pytest.mark.parametrize("prefer", sorted(MIRRORS - {"addmm", "conv_span"}))
 def test_choose_kernel_keeps_the_replaced_codes_own_kernel(prefer, dtype):
     """Never slower by default: a site whose hand-written code *was* one of the kernels keeps
     it (off the last axis; on it, ``linear`` is ``nn.Linear`` itself)."""
@@ -154,6 +155,36 @@ def test_choose_kernel_keeps_the_replaced_codes_own_kernel(prefer, dtype):
     assert choose_kernel(1, 4, "cpu", prefer=prefer, dtype=dtype) == prefer
     assert choose_kernel(1, 3, "cuda", prefer=prefer, dtype=dtype) == prefer
     assert choose_kernel(2, 3, "cpu", prefer=prefer, dtype=dtype) == "linear"
+
+
+def test_choose_kernel_for_the_spectrogram_stem():
+    """``Conv2d(1, O, (F, 1))`` keeps its own ``conv2d`` (``conv_span``) where CPUs disagreed or
+    nothing was measured (bfloat16, CUDA); on CPU in float32 the size rule, which beat it on both
+    CPUs measured."""
+    for dtype in (torch.bfloat16, torch.float16):
+        assert choose_kernel(1, 3, "cpu", prefer="conv_span", dtype=dtype, size=(40, 64)) == \
+            "conv_span"
+    assert choose_kernel(1, 3, "cuda", prefer="conv_span", dtype=torch.float32,
+                         size=(40, 64)) == "conv_span"
+    assert choose_kernel(1, 3, "cpu", prefer="conv_span", dtype=torch.float32,
+                         size=(40, 64)) == "baddbmm"
+    assert choose_kernel(1, 3, "cpu", prefer="conv_span", dtype=torch.float32,
+                         size=(128, 256)) == "conv"
+    assert choose_kernel(2, 3, "cpu", prefer="conv_span", dtype=torch.bfloat16) == "linear"
+
+
+def test_conv_span_is_the_stems_own_conv2d():
+    """Bit-identical to ``Conv2d(1, O, (F, 1))`` on the unsqueezed input, gradients included."""
+    torch.manual_seed(0)
+    stem = torch.nn.Conv2d(1, 6, (5, 1)).to(torch.bfloat16)
+    x = torch.randn(3, 5, 7, dtype=torch.bfloat16, requires_grad=True)
+    ref = stem(x.unsqueeze(1)).squeeze(2)
+    got = KERNELS["conv_span"](x, stem.weight.reshape(6, -1), stem.bias, 1)
+    assert torch.equal(ref, got)
+    g = torch.randn_like(ref)
+    ga = torch.autograd.grad(ref, (x, stem.weight, stem.bias), g)
+    gb = torch.autograd.grad(got, (x, stem.weight, stem.bias), g)
+    assert all(torch.equal(a, b) for a, b in zip(ga, gb))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -166,13 +197,19 @@ def test_choose_kernel_keeps_gpt2s_addmm_on_the_last_axis(dtype):
 
 def test_choose_kernel_without_a_mirror_follows_the_measurements():
     """A site whose code was no kernel (a spanning conv stem): on CPU, 3-D channel-first
-    float32 runs ``baddbmm`` (faster than a pointwise conv here at both benchmark shapes),
-    bfloat16 ``conv``; CUDA ``conv``; 4-D float32 ``conv``."""
-    assert choose_kernel(1, 3, "cpu", dtype=torch.float32) == "baddbmm"
-    assert choose_kernel(1, 3, "cpu", dtype=torch.float64) == "baddbmm"
-    assert choose_kernel(1, 3, "cpu", dtype=torch.bfloat16) == "conv"
-    assert choose_kernel(1, 3, "cuda", dtype=torch.float32) == "conv"
-    assert choose_kernel(1, 4, "cpu", dtype=torch.float32) == "conv"
+    float32 runs ``baddbmm`` for a small weight (F * O <= 64 * 64: faster than a pointwise conv
+    on both CPUs measured) and ``conv`` for a larger or unknown one (``baddbmm`` fell behind it
+    at (128, 256) on one of them), bfloat16 ``conv``; CUDA ``conv``; 4-D float32 ``conv``."""
+    small, large = (40, 64), (128, 256)
+    assert choose_kernel(1, 3, "cpu", dtype=torch.float32, size=small) == "baddbmm"
+    assert choose_kernel(1, 3, "cpu", dtype=torch.float64, size=(64, 64)) == "baddbmm"
+    assert choose_kernel(1, 3, "cpu", dtype=torch.float32, size=(64, 65)) == "conv"
+    assert choose_kernel(1, 3, "cpu", dtype=torch.float32, size=large) == "conv"
+    assert choose_kernel(1, 3, "cpu", dtype=torch.float32) == "conv"  # size unknown
+    assert choose_kernel(1, 3, "cpu", dtype=torch.float32, size=(sympy.Symbol("s0"), 4)) == "conv"
+    assert choose_kernel(1, 3, "cpu", dtype=torch.bfloat16, size=small) == "conv"
+    assert choose_kernel(1, 3, "cuda", dtype=torch.float32, size=small) == "conv"
+    assert choose_kernel(1, 4, "cpu", dtype=torch.float32, size=small) == "conv"
     assert choose_kernel(1, 4, "cpu", dtype=torch.bfloat16) == "linear_t"
 
 

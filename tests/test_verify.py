@@ -351,8 +351,40 @@ def test_mixed_layout_unsabotaged_is_rewritten():
 def test_report_of_a_folded_channel_first_site_names_the_feature_axis():
     model = MixedLayout().eval()
     site = by_module(tdd_fx.optimize(model, (inp(3, 6, 5),)).tdd_report)["cf"]
-    # the folded transpose-copy-Linear sandwich keeps its own kernel (ops.MIRRORS)
-    assert (site.feature_dim, site.kernel) == (1, "linear_tc")
+    # the folded transpose-copy-Linear sandwich: its own kernel (ops.MIRRORS), or, with a small
+    # weight in float32 on CPU and nothing random after it, baddbmm (ops.SPECULATIVE)
+    assert (site.feature_dim, site.kernel) == (1, "baddbmm")
+
+
+class SandwichDropout(nn.Module):
+    """The channel-first sandwich (x is (B, F, T)) followed by dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cf = nn.Linear(6, 8)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.transpose(1, 2)
+        b, t, f = h.shape
+        return self.drop(self.cf(h.reshape(b * t, f)).view(b, t, -1).transpose(1, 2))
+
+
+@pytest.mark.parametrize(("mode", "kernel"), [("train", "linear_tc"), ("eval", "baddbmm")])
+def test_folded_sandwich_before_dropout_keeps_its_own_layout(mode: str, kernel: str) -> None:
+    """A train-mode dropout draws its mask in memory order, and ``baddbmm`` would lay the
+    site's output out otherwise (row-major, where the sandwich leaves features innermost): the
+    sandwich keeps ``linear_tc`` in the graph that draws, and trades it in the one that does
+    not."""
+    torch.manual_seed(0)
+    model = SandwichDropout()
+    opt = tdd_fx.optimize(model.train(mode == "train"), (inp(3, 6, 5),))
+    (site,) = opt.tdd_report.rewritten
+    assert site.kernel == kernel, str(opt.tdd_report)
+    impls = [n.kwargs["impl"] for n in tdd_fx.graph_of(opt, mode=mode).graph.nodes
+             if n.target is tdd_fx.time_distributed_dense]
+    assert impls == [kernel]
+    assert_equivalent(opt, model, (inp(3, 6, 5),))
 
 
 # --------------------------------------------------------------------------------------------

@@ -190,6 +190,17 @@ def absorb_inverse(rw: Any, z: fx.Node, y: fx.Node, perm: list[int]) -> None:
             rw.replace(u, y)
 
 
+def _mirror(rank: int, c: int, axes: list[int], drop_channel: bool) -> str | None:
+    """The kernel that is the conv's own computation: ``conv`` for a pointwise conv,
+    ``conv_span`` for a one-channel ``conv2d`` spanning the height axis (the spectrogram stem,
+    ``Conv2d(1, O, (F, 1))`` on ``(B, 1, F, T)``); None for other spanning convs."""
+    if not axes and not drop_channel:
+        return "conv"
+    if drop_channel and rank == 4 and c == 1 and axes == [2]:
+        return "conv_span"
+    return None
+
+
 def _emit(node_name: str, axes: list[int], rank: int, c: int, drop_channel: bool):  # noqa: ANN202
     """The features are the channel axis and the spanned axes (just the spanned axes when a
     single input channel is squeezed away): one of them stays where it is, several are merged
@@ -215,9 +226,9 @@ def _emit(node_name: str, axes: list[int], rank: int, c: int, drop_channel: bool
             fd, n = c, n - len(feats) + 1
         v = x.meta.get("val")
         # a pointwise conv keeps its own kernel (a mirror); a spanning one gets the heuristic's
-        impl = ops.choose_kernel(fd, n, getattr(v, "device", "cpu"),
-                                 prefer="conv" if not axes and not drop_channel else None,
-                                 dtype=getattr(v, "dtype", None))
+        size = (w.meta["val"].numel() // out_ch, out_ch)  # (F, O) of the dense map
+        impl = ops.choose_kernel(fd, n, getattr(v, "device", "cpu"), prefer=_mirror(rank, c, axes,
+                                 drop_channel), dtype=getattr(v, "dtype", None), size=size)
         if impl == "conv" and fd == 1 and n == rank:  # the conv's own weight, as it is
             wv = w
         else:  # the kernel's size-1 axes never change its row-major order: (O, C, *K) -> (O, C·F)

@@ -393,7 +393,7 @@ def _same_layout(p: Product, ctx: Context, kernel: str) -> str:
 def _plan(p: Product, ctx: Context, random: bool) -> Plan:
     v = ctx.val(p.x)
     kernel = ops.choose_kernel(p.fd, v.dim(), v.device, prefer=_MIRROR.get(p.node.target),
-                               dtype=v.dtype)
+                               dtype=v.dtype, size=_features(p, ctx))
     if random:
         kernel = _same_layout(p, ctx, kernel)
     plan = Plan(p.node.name, p.x_at, p.weight.name, p.in_out, p.fd, kernel)

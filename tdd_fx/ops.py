@@ -152,6 +152,7 @@ SPECULATIVE = frozenset({"conv", "linear_tc"})
 @dataclass
 class _Policy:
     speculate: bool = False
+    training: bool | None = None
     speculated: list[str] = field(default_factory=list)
 
 
@@ -160,13 +161,13 @@ _POLICY: contextvars.ContextVar[_Policy | None] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def kernel_policy(speculate: bool) -> Iterator[list[str]]:
+def kernel_policy(speculate: bool, training: bool | None = None) -> Iterator[list[str]]:
     """Within it (with ``speculate``), :func:`choose_kernel` may trade a mirror for ``baddbmm``
     (:data:`SPECULATIVE`) and records each such choice in the list it yields; outside it, or
     without ``speculate``, every site keeps the replaced code's own kernel.  Verification builds
     an eval-mode program under it and, when one with speculative kernels fails, rebuilds it
-    without."""
-    policy = _Policy(speculate)
+    without.  ``training``: the mode of the graph being built (None: unknown)."""
+    policy = _Policy(speculate, training)
     token = _POLICY.set(policy)
     try:
         yield policy.speculated
@@ -204,10 +205,12 @@ def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu
     On CPU in float32/float64, a 3-D site with features on axis 1 that is a ``Conv2d(1, O, (F, 1))``
     stem (``prefer="conv_span"``, its own ``conv2d``) or had no kernel at all (a channel-first
     einsum) runs ``baddbmm`` when the weight is small (``size`` = (F, O) with ``F * O <=``
-    :data:`BADDBMM_MAX_FO`) and ``conv`` otherwise or when ``size`` is unknown: on two CPUs
-    ``benchmarks/bench_kernels.py`` had ``baddbmm`` 2-5x ahead of ``conv`` at small weights but,
-    on the second (AVX-512), up to 1.7x behind it at (F, O) = (128, 256), where ``conv`` beat the
-    original stem on both.  In bfloat16 the two CPUs disagree (``conv`` ahead on one, ``baddbmm``
+    :data:`BADDBMM_MAX_FO`): on two CPUs ``benchmarks/bench_kernels.py`` had it 2-5x ahead of
+    ``conv`` there, and the forms benchmark ahead of the stem's ``conv2d``.  With a larger (or
+    unknown) weight ``baddbmm`` fell up to 1.7x behind ``conv`` on the second (AVX-512) CPU; the
+    einsum runs ``conv``, and the stem ``conv`` in a training graph (the stem's own ``conv2d``
+    backward is 3-8x slower) and its own ``conv_span`` otherwise (``conv`` ran its forward 4%
+    slower on the second CPU).  In bfloat16 the two CPUs disagree (``conv`` ahead on one, ``baddbmm``
     2x ahead on the other, where ``conv`` ran the stem 1.2x slower than its own ``conv2d``), and
     CUDA is unmeasured here: there the stem keeps ``conv_span``.  Other sites with no such
     kernel: on CUDA ``conv`` (cuDNN); on CPU for a 3-D input in reduced precision ``conv``; for
@@ -221,9 +224,13 @@ def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu
     cuda = torch.device(device).type == "cuda"
     small = (fo := _known_product(size)) is not None and fo <= BADDBMM_MAX_FO
     cpu_rows = full and not cuda and d == 1 and ndim == 3
-    if prefer == "conv_span" and cpu_rows:
-        prefer = None  # the size rule below beat the stem's own conv2d on both CPUs measured
     policy = _POLICY.get()
+    if prefer == "conv_span" and cpu_rows and not small:
+        # conv2d's backward ran 3-8x slower than conv1d's on both CPUs; its forward was level
+        # with conv1d's on one CPU and 1.8x slower on the other: train graphs take ``conv``
+        return "conv" if policy is not None and policy.training else "conv_span"
+    if prefer == "conv_span" and cpu_rows:
+        prefer = None  # baddbmm beat the stem's own conv2d on both CPUs, forward and backward
     if prefer in SPECULATIVE and cpu_rows and small and speculate and policy and policy.speculate:
         policy.speculated.append(prefer)
         return "baddbmm"

@@ -233,7 +233,7 @@ class _Trial:
     def check(self, matches: list[Match]) -> bool:
         try:
             speculate = not (self.mirrors_only or self.captured.training)
-            with ops.kernel_policy(speculate) as speculated:
+            with ops.kernel_policy(speculate, self.captured.training) as speculated:
                 program, kernels = build_program(self.captured, matches, self.names, self.flags)
             self.speculated = sorted(set(speculated))
             v = _verify_program(self.model, program, self.sets, self.ref, self.flags)

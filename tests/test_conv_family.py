@@ -481,21 +481,33 @@ def test_pointwise_conv_default_kernel(f: int, o: int, dtype: torch.dtype, want:
 
 
 @pytest.mark.parametrize(("f", "o", "dtype", "want"), [
-    (40, 64, torch.float32, "baddbmm"),
-    (128, 256, torch.float32, "conv"),
-    (40, 64, torch.bfloat16, "conv_span"),  # CPUs disagree in bfloat16: the stem's own conv2d
+    (40, 64, torch.float32, {"eval": "baddbmm", "train": "baddbmm"}),
+    (128, 256, torch.float32, {"eval": "conv_span", "train": "conv"}),
+    (40, 64, torch.bfloat16, {"eval": "conv_span", "train": "conv_span"}),  # CPUs disagree
 ])
-def test_spectrogram_stem_default_kernel(f: int, o: int, dtype: torch.dtype, want: str) -> None:
+def test_spectrogram_stem_default_kernel(f: int, o: int, dtype: torch.dtype,
+                                         want: dict[str, str]) -> None:
     torch.manual_seed(0)
-    model = _Stem(f, o).to(dtype)
+    model = _Stem(f, o).to(dtype).eval()
     x = torch.randn(4, f, 9, dtype=dtype)
     opt = tdd_fx.optimize(model, (x,))
-    assert _kernels(opt) == [want], str(opt.tdd_report)
-    if want == "conv_span":  # the stem's own computation: bit-identical, gradients included
-        xg = x.clone().requires_grad_()
-        y_opt, y_ref = opt(xg), model(xg.clone())
-        assert torch.equal(y_opt, y_ref)
+    assert _kernels(opt) == [want["eval"]], str(opt.tdd_report)
+    for mode in ("eval", "train"):
+        assert _graph_kernels(opt, mode) == [want[mode]]
     assert_equivalent(opt, model, (x,))
+    if want["eval"] == "conv_span":  # the stem's own conv2d: bit-identical, gradients included
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = opt(xa), model(xb)
+        assert torch.equal(ya, yb)
+        g = torch.randn_like(ya)
+        ga = torch.autograd.grad(ya, (xa, *model.parameters()), g)
+        gb = torch.autograd.grad(yb, (xb, *model.parameters()), g)
+        assert all(torch.equal(a, b) for a, b in zip(ga, gb))
+        # the executable graph hands conv2d the stem's own (O, 1, F, 1) weight
+        (program,) = [p for m in opt.modules() for p in tdd_fx.program.programs_of(m)
+                      if not p.training]
+        code = program.graph_fn().__self__.code
+        assert "_conv_span_4d(" in code and "reshape" not in code, code
 
 
 def test_speculative_kernel_that_fails_verification_falls_back_to_the_convs_own(

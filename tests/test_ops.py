@@ -159,8 +159,9 @@ def test_choose_kernel_keeps_the_replaced_codes_own_kernel(prefer, dtype):
 
 def test_choose_kernel_for_the_spectrogram_stem():
     """``Conv2d(1, O, (F, 1))`` keeps its own ``conv2d`` (``conv_span``) where CPUs disagreed or
-    nothing was measured (bfloat16, CUDA); on CPU in float32 the size rule, which beat it on both
-    CPUs measured."""
+    nothing was measured (bfloat16, CUDA); on CPU in float32 ``baddbmm`` for a small weight
+    (ahead of it on both CPUs), and for a larger one ``conv`` in a training graph (the stem's
+    own backward is several times slower) and its own ``conv_span`` otherwise."""
     for dtype in (torch.bfloat16, torch.float16):
         assert choose_kernel(1, 3, "cpu", prefer="conv_span", dtype=dtype, size=(40, 64)) == \
             "conv_span"
@@ -168,8 +169,11 @@ def test_choose_kernel_for_the_spectrogram_stem():
                          size=(40, 64)) == "conv_span"
     assert choose_kernel(1, 3, "cpu", prefer="conv_span", dtype=torch.float32,
                          size=(40, 64)) == "baddbmm"
-    assert choose_kernel(1, 3, "cpu", prefer="conv_span", dtype=torch.float32,
-                         size=(128, 256)) == "conv"
+    large = {"prefer": "conv_span", "dtype": torch.float32, "size": (128, 256)}
+    assert choose_kernel(1, 3, "cpu", **large) == "conv_span"  # mode unknown
+    for training, want in ((True, "conv"), (False, "conv_span")):
+        with tdd_fx.ops.kernel_policy(speculate=not training, training=training):
+            assert choose_kernel(1, 3, "cpu", **large) == want
     assert choose_kernel(2, 3, "cpu", prefer="conv_span", dtype=torch.bfloat16) == "linear"
 
 

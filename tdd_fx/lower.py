@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from . import ops
 
@@ -134,8 +133,8 @@ def _direct(n: fx.Node) -> None:
         n.target, n.args = ops.addmm_in_out, (x, stored, b)
         _erase_if_unused(w)
     kernel4 = _stem_weight(w)
-    if fn is _conv_span and kernel4 is not None:  # w = W.reshape(O, -1): conv2d takes W
-        n.target, n.args = _conv_span_4d, (x, kernel4, b)
+    if impl == "conv_span" and d == 1 and rank == 3 and kernel4 is not None:
+        n.target, n.args = ops.stem_conv2d, (x, kernel4, b)  # w = W.reshape(O, -1): takes W
         _erase_if_unused(w)
 
 
@@ -185,8 +184,6 @@ def direct_kernel(rank: int, d: int, w_rank: int, impl: str, bias: bool
         return torch._C._nn.linear
     if impl == "baddbmm" and rank == 3 and d == 1:
         return _baddbmm_bias if bias else _bmm
-    if impl == "conv_span" and rank == 3 and d == 1:
-        return _conv_span
     kernel = ops.KERNELS.get(impl)
     return None if kernel is None else _with_axis(kernel, d)
 
@@ -199,15 +196,6 @@ def _baddbmm_col(x: torch.Tensor, w: torch.Tensor, col: torch.Tensor) -> torch.T
     # the (out, 1) bias broadcasts inside baddbmm, as hand-written code passes it (eager only:
     # baddbmm's meta function rejects a broadcast bias on symbolic sizes)
     return torch.baddbmm(col, w.expand(x.shape[0], -1, -1), x)
-
-
-def _conv_span(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return _conv_span_4d(x, w.reshape(w.shape[0], 1, w.shape[1], 1), b)
-
-
-def _conv_span_4d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    # the Conv2d(1, O, (F, 1)) stem with its own (O, 1, F, 1) weight
-    return F.conv2d(x.unsqueeze(1), w, b).squeeze(2)
 
 
 def _bmm(x: torch.Tensor, w: torch.Tensor, b: None) -> torch.Tensor:

@@ -110,7 +110,12 @@ def _conv_span(x: Tensor, w: Tensor, b: Tensor | None, d: int) -> Tensor:
     are the height of a one-channel image, spanned by one ``(F, 1)`` kernel per output."""
     if d != 1 or x.dim() != 3:
         return _conv(x, w, b, d)
-    return F.conv2d(x.unsqueeze(1), w.reshape(w.shape[0], 1, w.shape[1], 1), b).squeeze(2)
+    return stem_conv2d(x, w.reshape(w.shape[0], 1, w.shape[1], 1), b)
+
+
+def stem_conv2d(x: Tensor, w4: Tensor, b: Tensor | None) -> Tensor:
+    """``Conv2d(1, O, (F, 1))`` on ``x: (B, F, T)`` with its own ``(O, 1, F, 1)`` weight."""
+    return F.conv2d(x.unsqueeze(1), w4, b).squeeze(2)
 
 
 #: The kernels by name.  Each computes the same function; they differ only in speed.
@@ -177,7 +182,7 @@ def kernel_policy(speculate: bool, training: bool | None = None) -> Iterator[lis
 
 def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu",
                   prefer: str | None = None, dtype: torch.dtype | None = None,
-                  size: tuple[Any, Any] | None = None, speculate: bool = True) -> str:
+                  size: tuple[Any, Any] | None = None, random_after: bool = False) -> str:
     """Heuristic kernel choice (used when no measurement is asked for).
 
     Features on the last axis: ``linear`` (this *is* ``nn.Linear``; nothing is faster), or
@@ -191,8 +196,8 @@ def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu
     and 1.4-1.7x slower than an expanded ``baddbmm``.)
 
     Except, in an eval-mode graph on CPU in float32/float64 for a small weight (``F * O <=``
-    :data:`BADDBMM_MAX_FO`) on 3-D channel-first data: a pointwise ``Conv1d`` and (with
-    ``speculate``: nothing random after it) the sandwich run ``baddbmm``, which both CPUs of
+    :data:`BADDBMM_MAX_FO`) on 3-D channel-first data: a pointwise ``Conv1d`` and (unless
+    ``random_after``: its output's layout differs) the sandwich run ``baddbmm``, which both CPUs of
     ``benchmarks/bench_kernels.py`` measured faster than ``conv`` there (2-5x at batch 8-32) and
     at ``nn.Linear``'s speed on the forms benchmark.  Its other summation order is not
     bit-identical to the mirror: in a training graph, batch statistics (a train-mode BatchNorm
@@ -202,19 +207,20 @@ def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu
     speculative: made only under :func:`kernel_policy`, and a program that fails verification
     with it is rebuilt with the mirrors.
 
-    On CPU in float32/float64, a 3-D site with features on axis 1 that is a ``Conv2d(1, O, (F, 1))``
-    stem (``prefer="conv_span"``, its own ``conv2d``) or had no kernel at all (a channel-first
-    einsum) runs ``baddbmm`` when the weight is small (``size`` = (F, O) with ``F * O <=``
-    :data:`BADDBMM_MAX_FO`): on two CPUs ``benchmarks/bench_kernels.py`` had it 2-5x ahead of
-    ``conv`` there, and the forms benchmark ahead of the stem's ``conv2d``.  With a larger (or
+    On CPU in float32/float64, a 3-D site with features on axis 1 that is a stem
+    ``Conv2d(1, O, (F, 1))`` (``prefer="conv_span"``, its own ``conv2d``) or had no kernel at all
+    (a channel-first einsum) runs ``baddbmm`` when the weight is small (``size`` = (F, O),
+    ``F * O <=`` :data:`BADDBMM_MAX_FO`): on two CPUs ``benchmarks/bench_kernels.py`` had it 2-5x ahead of
+    ``conv`` there, and the forms benchmark ahead of the stem's ``conv2d``. With a larger (or
     unknown) weight ``baddbmm`` fell up to 1.7x behind ``conv`` on the second (AVX-512) CPU; the
     einsum runs ``conv``, and the stem ``conv`` in a training graph (the stem's own ``conv2d``
-    backward is 3-8x slower) and its own ``conv_span`` otherwise (``conv`` ran its forward 4%
-    slower on the second CPU).  In bfloat16 the two CPUs disagree (``conv`` ahead on one, ``baddbmm``
-    2x ahead on the other, where ``conv`` ran the stem 1.2x slower than its own ``conv2d``), and
-    CUDA is unmeasured here: there the stem keeps ``conv_span``.  Other sites with no such
-    kernel: on CUDA ``conv`` (cuDNN); on CPU for a 3-D input in reduced precision ``conv``; for
-    4-5-D inputs ``conv`` in float32/float64, else ``prefer`` or ``linear_t``.
+    training step ran 7-9x slower at (F, O) = (128, 256)) and its own ``conv_span`` otherwise
+    (``conv`` ran its forward 4% slower on the second CPU). In bfloat16 the two CPUs disagree
+    (``conv`` ahead on one, ``baddbmm`` 2x ahead on the other, where ``conv`` ran the stem 1.2x
+    slower than its own ``conv2d``), and CUDA is unmeasured here: there the stem keeps
+    ``conv_span``. Other sites with no such kernel: on CUDA ``conv`` (cuDNN); on CPU for a 3-D
+    input in reduced precision ``conv``; for 4-5-D inputs ``conv`` in float32/float64, else
+    ``prefer`` or ``linear_t``.
     ``optimize(..., autotune=True)`` measures instead.
     """
     d = feature_dim % ndim if ndim else feature_dim
@@ -226,12 +232,15 @@ def choose_kernel(feature_dim: int, ndim: int, device: torch.device | str = "cpu
     cpu_rows = full and not cuda and d == 1 and ndim == 3
     policy = _POLICY.get()
     if prefer == "conv_span" and cpu_rows and not small:
-        # conv2d's backward ran 3-8x slower than conv1d's on both CPUs; its forward was level
-        # with conv1d's on one CPU and 1.8x slower on the other: train graphs take ``conv``
+        # the stem's conv2d training step ran 7-9x slower than conv1d's on both CPUs; its
+        # forward 1.85x slower on one, 4% faster on the other: train graphs take ``conv``
         return "conv" if policy is not None and policy.training else "conv_span"
     if prefer == "conv_span" and cpu_rows:
         prefer = None  # baddbmm beat the stem's own conv2d on both CPUs, forward and backward
-    if prefer in SPECULATIVE and cpu_rows and small and speculate and policy and policy.speculate:
+    # (a random op after the site draws in memory order: only a trade that keeps the layout)
+    same_layout = prefer not in STRIDED_OUTPUT
+    if (prefer in SPECULATIVE and cpu_rows and small and (same_layout or not random_after)
+            and policy is not None and policy.speculate):
         policy.speculated.append(prefer)
         return "baddbmm"
     if prefer in MIRRORS and prefer != "addmm":

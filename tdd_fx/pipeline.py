@@ -491,6 +491,9 @@ def _note_other_mode(part: Part, shown: bool, other: bool, sites: list[Site]) ->
             status[(s.pattern, s.where)] = (st, why)
     for s in sites:
         st, why = status.get((s.pattern, s.where), ("missing", "not found"))
+        kernel = res.kernels.get(s.node, ("", None))[0]
+        if st == "rewritten" == s.status and kernel and kernel != s.kernel:
+            s.kernel_other = f"{kernel} ({_mode(other)})"
         if (st == "rewritten") != (s.status == "rewritten"):
             prefix = f"{part.path}." if part.path else ""
             part.notes.append(f"{prefix}{s.where}: {st} in {_mode(other)} mode"

@@ -32,6 +32,9 @@ class Site:
     out_shape: tuple[int, ...] | None = None
     feature_dim: int | None = None
     kernel: str = ""
+    #: the kernel of the other mode's graph where it differs, e.g. ``"baddbmm (eval)"`` (each
+    #: train/eval graph chooses its own: see ``tdd_fx.ops.choose_kernel``)
+    kernel_other: str = ""
     max_error: float | None = None
     guards: list[str] = field(default_factory=list)
     #: name of the graph node the site was found at (the dense op, conv, einsum, ...)
@@ -55,9 +58,9 @@ def _json_number(v: float | None) -> float | None:
 
 
 def _kernel(s: Site) -> str:
-    if s.kernel in s.kernel_ms:
-        return f"{s.kernel} ({s.kernel_ms[s.kernel]:.3g} ms)"
-    return s.kernel or "-"
+    shown = f"{s.kernel} ({s.kernel_ms[s.kernel]:.3g} ms)" if s.kernel in s.kernel_ms else (
+        s.kernel or "-")
+    return f"{shown}; {s.kernel_other}" if s.kernel_other else shown
 
 
 def _shape(s: tuple[int, ...] | None) -> str:

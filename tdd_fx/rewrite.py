@@ -172,7 +172,7 @@ def _fold_permutes(rw: Rewriter, node: fx.Node) -> bool:
                  impl=ops.choose_kernel(p_in[-1], rank, _device(node), prefer="linear_tc",
                                         dtype=_dtype(node),
                                         size=_dense_size(node.args[1]),
-                                        speculate=layout.random_op(rw.graph) is None))
+                                        random_after=layout.random_op(rw.graph) is not None))
     rw.replace(users[0], new)
     erase_dead([users[0]], rw.graph)
     return True

@@ -507,7 +507,7 @@ def test_spectrogram_stem_default_kernel(f: int, o: int, dtype: torch.dtype,
         (program,) = [p for m in opt.modules() for p in tdd_fx.program.programs_of(m)
                       if not p.training]
         code = program.graph_fn().__self__.code
-        assert "_conv_span_4d(" in code and "reshape" not in code, code
+        assert "stem_conv2d(" in code and "reshape" not in code, code
 
 
 def test_speculative_kernel_that_fails_verification_falls_back_to_the_convs_own(

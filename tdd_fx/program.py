@@ -526,7 +526,7 @@ class Dispatch:
         self._rebuilt = 0
         #: the tree the programs were captured from: every submodule by path (the graphs inline
         #: their code, so a submodule replaced after optimize means the original must run)
-        self.members = list(module.named_modules())
+        self.members = [(path, m, type(m)) for path, m in module.named_modules()]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         guarded = self.guarded
@@ -588,8 +588,9 @@ class Dispatch:
         self.last, self.guarded = program, self._guarded[key]
 
     def _replaced(self) -> str:
-        """What was replaced or removed in the module tree since optimize ("" when nothing)."""
-        for path, want in self.members:
+        """What was replaced, removed, added or re-classed in the module tree since optimize
+        ("" when nothing)."""
+        for path, want, cls in self.members:
             try:
                 got = self.module.get_submodule(path)
             except AttributeError:
@@ -597,6 +598,15 @@ class Dispatch:
             if got is not want:
                 return (f"submodule {path} was replaced after optimize (by a "
                         f"{type(got).__name__}); the captured graph inlines the old one's code")
+            if type(got) is not cls:  # torch.nn.utils.parametrize swaps the class in place
+                return (f"submodule {path or type(got).__name__} changed class after optimize "
+                        f"(now {type(got).__name__}, e.g. a parametrization was registered); "
+                        "the captured graph inlines the old class's code")
+        known = {path for path, _, _ in self.members}
+        added = next((path for path, _ in self.module.named_modules() if path not in known), None)
+        if added is not None:
+            return (f"submodule {added} was added after optimize; the captured graph does not "
+                    "know it")
         return ""
 
     def __getstate__(self) -> dict[str, Any]:

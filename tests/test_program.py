@@ -180,6 +180,34 @@ def test_a_replaced_submodule_runs_the_original_code_with_a_warning() -> None:
     torch.testing.assert_close(got, want)
 
 
+def test_a_parametrization_registered_after_optimize_names_itself() -> None:
+    """``register_parametrization`` swaps the submodule's class and adds a ``parametrizations``
+    child: the original runs (with the parametrized weight), and the warning says what changed,
+    not that no graph was captured for the mode."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+
+    model, opt, x = _guarded_model()
+    parametrize.register_parametrization(opt.fc, "weight", Doubled())
+    with pytest.warns(RuntimeWarning, match="fc changed class after optimize .*parametrization"):
+        got = opt(x)
+    assert opt.fc.weight.shape == model.fc.weight.shape
+    want = model.fc.weight  # the same Parameter, shared: the parametrization doubles it
+    torch.testing.assert_close(opt.fc.weight, 2 * want)
+    torch.testing.assert_close(got, type(model).forward(opt, x))
+
+
+def test_a_submodule_added_after_optimize_is_named() -> None:
+    _, opt, x = _guarded_model()
+    opt.extra = nn.Identity()
+    with pytest.warns(RuntimeWarning, match="submodule extra was added after optimize"):
+        got = opt(x)
+    torch.testing.assert_close(got, type(opt).forward(opt, x))
+
+
 def test_copies_compile_their_own_guarded_path() -> None:
     import copy
 

@@ -471,6 +471,10 @@ def test_pointwise_conv_default_kernel(f: int, o: int, dtype: torch.dtype, want:
     x = torch.randn(4, f, 9, dtype=dtype)
     opt = tdd_fx.optimize(model, (x,))
     assert _kernels(opt) == [want, want], str(opt.tdd_report)
+    # the report names the training graph's kernel where it differs
+    other = "" if want == "conv" else "conv (train)"
+    assert [s.kernel_other for s in opt.tdd_report.rewritten] == [other, other]
+    assert other in str(opt.tdd_report)
     assert _graph_kernels(opt, "eval") == [want, want]
     assert _graph_kernels(opt, "train") == ["conv", "conv"]
     assert_equivalent(opt, model, (x,))
